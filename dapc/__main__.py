@@ -1,0 +1,3 @@
+from dapc.cli import main
+
+main()

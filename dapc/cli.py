@@ -1,0 +1,114 @@
+"""The `dapc` command: validate | plan | render | schema, and thin wrappers for the runtime's prepare | train | eval."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dapc.errors import DapcError
+
+EXIT_UNFIT = 3
+_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable)."
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+
+
+class _Group(click.Group):
+    """Turns DapcError into one located line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DapcError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False, width=max(120, Console().width))
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="dapc")
+def main() -> None:
+    """dapc compiles a training recipe into a memory-checked plan and launch scripts."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option
+@_json_option
+def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check RECIPE: schema, files, model, hardware. Exit 0 when valid, 2 with the first problem."""
+    from dapc.recipe import load_recipe
+    from dapc.resolve import resolve
+
+    spec = resolve(load_recipe(recipe, overrides))
+    facts = {"valid": True, "name": spec.recipe.name, "model": spec.arch.name, "params": spec.params.total,
+             "world_size": spec.world_size, "corpus_files": spec.corpus_files, "corpus_bytes": spec.corpus_bytes}
+    if as_json:
+        click.echo(json.dumps(facts, sort_keys=True))
+    else:
+        click.echo(f"ok: {facts['name']}: {facts['model']} ({facts['params']:,} parameters) on {facts['world_size']} "
+                   f"GPUs; corpus {facts['corpus_files']} files, {facts['corpus_bytes']:,} bytes")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option
+@_json_option
+def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the plan for RECIPE: memory per GPU, strategy, batch, cost. Exit 3 when nothing fits."""
+    from dapc.compile import compile_recipe
+    from dapc.plan import plan_json_text
+
+    compiled = compile_recipe(recipe, overrides)
+    if as_json:
+        click.echo(plan_json_text(compiled.plan), nl=False)
+    else:
+        from dapc.report import print_plan
+
+        print_plan(compiled.plan, _stdout())
+    if not compiled.decision.fits:
+        sys.exit(EXIT_UNFIT)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory; overrides the recipe's `output`.")
+@_set_option
+@click.option("--allow-unfit", is_flag=True, help="Write the artifacts even when the plan does not fit.")
+@_json_option
+def render(recipe: Path, output: Path | None, overrides: tuple[str, ...], allow_unfit: bool, as_json: bool) -> None:
+    """Write plan.json, launch.sh, job.sbatch, pytorchjob.yaml, ds_config.json and README.md for RECIPE."""
+    from dapc.compile import compile_recipe
+    from dapc.render import render_artifacts, write_artifacts
+
+    compiled = compile_recipe(recipe, overrides, output=str(output.resolve()) if output else None)
+    out_dir = Path(compiled.plan["paths"]["output_dir"])
+    if not compiled.decision.fits and not allow_unfit:
+        click.echo(f"error: plan does not fit ({compiled.plan['memory']['misfit']}); nothing written. "
+                   "`dapc plan` shows what would fit; --allow-unfit writes anyway.", err=True)
+        sys.exit(EXIT_UNFIT)
+    written = write_artifacts(render_artifacts(compiled.plan, out_dir), out_dir)
+    if as_json:
+        click.echo(json.dumps({"output_dir": str(out_dir), "files": [str(p) for p in written]}, sort_keys=True))
+    else:
+        click.echo(f"wrote {len(written)} files to {out_dir}: {', '.join(p.name for p in written)}")
+    if not compiled.decision.fits:
+        sys.exit(EXIT_UNFIT)
+
+
+@main.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema."""
+    from dapc.recipe import Recipe
+
+    click.echo(json.dumps(Recipe.model_json_schema(), indent=2, sort_keys=True))

@@ -1,0 +1,125 @@
+"""Time, money and energy: FLOPs per token, modelled step time, and what the whole run costs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dapc.hardware import Device
+from dapc.models import Architecture, ParamCounts
+from dapc.strategies import Strategy
+
+# PCIe Gen5 x16 host<->device, per direction, as achieved by pinned copies (~50 of 64 GB/s).
+HOST_LINK_GBPS = 50.0
+# DeepSpeed's CPU Adam: elements updated per second per node with AVX-512 (DeepSpeed ZeRO-Offload
+# paper, Table 3: ~1.2e9 params/s on a 2-socket host); stated, not measured here.
+CPU_ADAM_PARAMS_PER_SECOND = 1.0e9
+# Sequential throughput of one datacenter NVMe drive, GB/s.
+NVME_GBPS = 3.0
+
+
+def matmul_params(params: ParamCounts) -> int:
+    """Returns the parameters that take part in matmuls: all but the embedding lookup (a tied head counts)."""
+    return params.total - params.embedding + (params.embedding if params.tied else 0)
+
+
+def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, method: str, recompute: bool) -> float:
+    """Returns training FLOPs per token.
+
+    PaLM (Chowdhery et al. 2022, Appendix B): 6·N + 12·L·H·Q·T per token for forward and backward,
+    N the matmul parameters, L layers, H heads, Q head size, T sequence length. With frozen weights
+    (LoRA/QLoRA) backward skips the weight gradients: 4·N instead of 6·N (adapters are negligible).
+    Full activation recomputation adds one more forward: 2·N + 4·L·H·Q·T.
+    """
+    n = matmul_params(params)
+    attention = arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_len
+    flops = (6 if method == "full" else 4) * n + 12 * attention
+    if recompute:
+        flops += 2 * n + 4 * attention
+    return float(flops)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Modelled seconds per optimizer step, split into compute and communication."""
+
+    compute_seconds: float
+    comm_seconds: float
+    offload_seconds: float
+
+    @property
+    def step_seconds(self) -> float:
+        """Seconds per step: communication overlaps compute (prefetch, bucketed reduce), offload does not."""
+        return max(self.compute_seconds, self.comm_seconds) + self.offload_seconds
+
+
+def _ring_seconds(bytes_per_gpu: float, group: int, gbps: float) -> float:
+    # A ring collective moves (g-1)/g of the buffer through each GPU's link.
+    return 0.0 if group <= 1 else bytes_per_gpu * (group - 1) / group / (gbps * 1e9)
+
+
+def step_time(
+    strategy: Strategy,
+    device: Device,
+    inter_node_gbps: float,
+    world_size: int,
+    gpus_per_node: int,
+    trainable_params: int,
+    total_params: int,
+    compute_bytes: int,
+    grad_accum: int,
+    tokens_per_step: int,
+    flops_token: float,
+    mfu: float,
+) -> StepTime:
+    """Returns the modelled step time at `mfu` of the device's dense bf16 peak, plus collectives."""
+    compute = flops_token * tokens_per_step / (world_size * device.bf16_tflops * 1e12 * mfu)
+    nodes = max(1, world_size // gpus_per_node)
+    link = inter_node_gbps if nodes > 1 else device.intra_node_gbps
+    n_t, n = trainable_params, total_params
+    if strategy.backend == "ddp":
+        comm = 2 * _ring_seconds(4 * n_t, world_size, link)  # all-reduce = reduce-scatter + all-gather
+    elif strategy.zero_stage in (1, 2):
+        comm = _ring_seconds(compute_bytes * n_t * grad_accum, world_size, link)
+        comm += _ring_seconds(compute_bytes * n_t, world_size, link)
+    elif strategy.hybrid:
+        per_micro = 2 * compute_bytes * n + (compute_bytes + 4) * n_t
+        comm = _ring_seconds(per_micro * grad_accum, gpus_per_node, device.intra_node_gbps)
+        comm += 2 * _ring_seconds(4 * n_t / gpus_per_node, nodes, inter_node_gbps)
+    else:  # parameters gathered for forward and again for backward, gradients reduce-scattered
+        per_micro = 2 * compute_bytes * n + (compute_bytes + 4) * n_t
+        comm = _ring_seconds(per_micro * grad_accum, world_size, link)
+    offload = 0.0
+    shard_params = n_t / world_size
+    if strategy.optimizer_on == "cpu":
+        offload = shard_params * (4 + compute_bytes) / (HOST_LINK_GBPS * 1e9)
+        offload += shard_params * gpus_per_node / CPU_ADAM_PARAMS_PER_SECOND
+    elif strategy.optimizer_on == "nvme":
+        offload = shard_params * gpus_per_node * 2 * (12 + compute_bytes) / (NVME_GBPS * 1e9)
+        offload += shard_params * gpus_per_node / CPU_ADAM_PARAMS_PER_SECOND
+    if strategy.params_on != "gpu":
+        offload += grad_accum * 2 * compute_bytes * n / world_size / (HOST_LINK_GBPS * 1e9)
+    return StepTime(compute, comm, offload)
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """What the run costs: steps, seconds, GPU-hours, dollars, kilowatt-hours."""
+
+    steps: int
+    wall_seconds: float
+    gpu_hours: float
+    usd: float
+    kwh: float
+
+
+def run_cost(steps: int, step_seconds: float, world_size: int, usd_per_gpu_hour: float, tdp_watts: float, pue: float) -> RunCost:
+    """Returns the run's cost; energy is every GPU at its TDP for the whole run, times the facility PUE."""
+    wall = steps * step_seconds
+    gpu_hours = wall * world_size / 3600
+    return RunCost(
+        steps=steps,
+        wall_seconds=wall,
+        gpu_hours=gpu_hours,
+        usd=gpu_hours * usd_per_gpu_hour,
+        kwh=gpu_hours * tdp_watts * pue / 1000,
+    )

@@ -1,0 +1,282 @@
+"""The memory model: bytes per GPU by component, each with the formula (and its source) that produced it.
+
+Pure arithmetic on a `Workload`: no files, no environment. Notation in the formulas: N parameters,
+N_t trainable parameters, D the shard degree, c the bytes of the compute dtype, s the sequence length,
+b the micro-batch, h the hidden size, i the MLP width, L the layers, V the vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil
+
+from dapc.models import Architecture, ParamCounts, decoder_linear_shapes
+from dapc.strategies import Strategy, shard_degree
+
+GIB = 1024**3
+
+# QLoRA (Dettmers et al. 2023, §3 "Double Quantization"): NF4 stores 4 bits per weight plus one
+# absmax per block of 64; double quantization stores those absmaxes in 8 bits with one fp32
+# constant per 256 of them: 8/64 + 32/(64*256) = 0.127 bits per parameter (0.5 bits without it).
+NF4_BITS_PER_PARAM = 4.0
+NF4_CONSTANT_BITS_DOUBLE_QUANT = 8 / 64 + 32 / (64 * 256)
+NF4_CONSTANT_BITS_SINGLE = 32 / 64
+# bitsandbytes AdamW8bit: two uint8 states plus one fp32 absmax per 256-element block for each.
+ADAM8BIT_BYTES_PER_PARAM = 2 + 2 * 4 / 256
+# CUDA caching-allocator fragmentation on top of transient tensors (activations, logits, buffers),
+# with expandable_segments enabled by the rendered launch scripts; PyTorch's own guidance puts
+# fragmentation under expandable segments in the single-digit percent. Stated, checked on CPU only.
+CUDA_FRAGMENTATION = 0.10
+# glibc malloc on the CPU path, with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ set by the launch
+# script: measured 1.19x of live tensor bytes in ../shared/FEASIBILITY.md (1.40x with defaults).
+CPU_ALLOCATOR_OVERHEAD = 0.19
+# Resident memory of a training process before any tensor: the Python interpreter plus torch,
+# transformers and the communication backend. Measured on the CPU path (tests/test_memory_measured.py).
+CPU_PROCESS_BASELINE_BYTES = 600 * 1024**2
+# DDP gradient bucket (torch DistributedDataParallel bucket_cap_mb default 25 MiB), two in flight.
+DDP_BUCKET_BYTES = 2 * 25 * 1024**2
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A memory figure in bytes and the formula that produced it."""
+
+    bytes: int
+    formula: str
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything the memory model depends on, already resolved by the planner."""
+
+    arch: Architecture
+    params: ParamCounts
+    method: str  # full | lora | qlora
+    trainable_params: int
+    precision: str  # bf16 | fp16 | fp32: the compute dtype
+    optimizer: str  # adamw | adamw-8bit
+    strategy: Strategy
+    world_size: int
+    gpus_per_node: int
+    nodes: int
+    micro_batch: int
+    seq_len: int
+    activation_checkpointing: bool
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+    nf4_double_quant: bool
+    on_cpu: bool
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of the compute dtype (c)."""
+        return 4 if self.precision == "fp32" else 2
+
+    @property
+    def shard(self) -> int:
+        """The shard degree D."""
+        return shard_degree(self.strategy, self.world_size, self.gpus_per_node)
+
+    @property
+    def frozen_params(self) -> int:
+        """Parameters of the frozen base (0 for full training)."""
+        return 0 if self.method == "full" else self.params.total
+
+
+def quantized_params(params: ParamCounts) -> int:
+    """Returns the parameters QLoRA stores in NF4: the decoder Linear layers (attention and MLP).
+
+    Embeddings, norms and the LM head stay in the compute dtype (bitsandbytes skips `lm_head`).
+    """
+    return params.attention + params.mlp
+
+
+def nf4_bytes(num_params: int, double_quant: bool) -> int:
+    """Returns bytes of `num_params` weights stored in NF4 with their quantization constants (QLoRA §3)."""
+    constant_bits = NF4_CONSTANT_BITS_DOUBLE_QUANT if double_quant else NF4_CONSTANT_BITS_SINGLE
+    return ceil(num_params * (NF4_BITS_PER_PARAM + constant_bits) / 8)
+
+
+def _uses_master_copy(w: Workload) -> bool:
+    # DeepSpeed keeps low-precision trainable params and an fp32 master copy in the optimizer (ZeRO
+    # paper §3: 2Ψ + 2Ψ + KΨ with K = 12); FSDP2 and DDP keep fp32 params, so the master is the weight.
+    return w.strategy.backend == "deepspeed" and w.precision != "fp32"
+
+
+def _trained_param_bytes(w: Workload) -> int:
+    return w.compute_bytes if _uses_master_copy(w) else 4
+
+
+def _on_gpu(place: str) -> bool:
+    return place == "gpu"
+
+
+def weights(w: Workload) -> Figure:
+    """Returns bytes per GPU of stored parameters: trained weights plus any frozen base."""
+    d = w.shard if w.strategy.params_sharded else 1
+    if not _on_gpu(w.strategy.params_on):
+        return Figure(0, f"parameters live on {w.strategy.params_on}; gathered per layer (see buffers)")
+    trained = w.trainable_params * _trained_param_bytes(w)
+    trained_formula = f"N_t·{_trained_param_bytes(w)}"
+    if w.method == "qlora":
+        nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
+        rest = (w.params.total - quantized_params(w.params)) * w.compute_bytes
+        base, base_formula = nf4 + rest, (
+            f"N_linear·(4 + {NF4_CONSTANT_BITS_DOUBLE_QUANT if w.nf4_double_quant else 0.5:.3f} bits) NF4 "
+            f"+ (N - N_linear)·{w.compute_bytes} [QLoRA §3]"
+        )
+    elif w.method == "lora":
+        base, base_formula = w.params.total * w.compute_bytes, f"N·{w.compute_bytes} frozen"
+    else:
+        base, base_formula = 0, ""
+    total = (base + trained) // d
+    formula = " + ".join(f for f in (base_formula, trained_formula) if f)
+    return Figure(total, f"({formula}) / D={d}" if d > 1 else formula)
+
+
+def gradients(w: Workload) -> Figure:
+    """Returns bytes per GPU of gradient storage for the trainable parameters."""
+    if w.strategy.optimizer_on != "gpu":
+        return Figure(0, "gradients are moved to the offload device each step (see buffers)")
+    grad_bytes = w.compute_bytes if _uses_master_copy(w) else 4
+    d = w.shard if w.strategy.grads_sharded else 1
+    source = "ZeRO paper §3 (2Ψ fp16 gradients)" if _uses_master_copy(w) else "fp32 gradients of fp32 params"
+    return Figure(w.trainable_params * grad_bytes // d, f"N_t·{grad_bytes} / D={d} [{source}]")
+
+
+def _optimizer_bytes_per_param(w: Workload) -> tuple[float, str]:
+    states = ADAM8BIT_BYTES_PER_PARAM if w.optimizer == "adamw-8bit" else 8.0
+    states_text = "2.03 (8-bit m, v + block absmax)" if w.optimizer == "adamw-8bit" else "8 (fp32 m, v)"
+    if _uses_master_copy(w):
+        return states + 4, f"4 (fp32 master) + {states_text}"
+    return states, states_text
+
+
+def optimizer(w: Workload) -> Figure:
+    """Returns bytes per GPU of optimizer state (AdamW moments, plus the fp32 master copy under ZeRO)."""
+    per_param, text = _optimizer_bytes_per_param(w)
+    if w.strategy.optimizer_on != "gpu":
+        return Figure(0, f"optimizer states on {w.strategy.optimizer_on}")
+    d = w.shard if w.strategy.optimizer_sharded else 1
+    return Figure(int(w.trainable_params * per_param) // d, f"N_t·({text}) / D={d} [ZeRO paper §3, K=12]")
+
+
+def _norm_bytes_per_token(w: Workload) -> int:
+    # transformers' LlamaRMSNorm upcasts to fp32 and keeps that copy for backward (4h), then the
+    # weight multiply keeps the normalized input in the compute dtype (c·h) and the output feeds the
+    # next Linear, which keeps it (c·h).
+    return (4 + 2 * w.compute_bytes) * w.arch.hidden_size
+
+
+def layer_activation_bytes_per_token(w: Workload) -> int:
+    """Returns bytes saved for backward by one decoder layer per token (SDPA/flash attention, no dropout).
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1)
+    count 34·s·b·h bytes per layer for GPT with fp16 and flash-style attention (no 5·a·s²·b term).
+    Here the same inventory is taken tensor by tensor for a Llama layer: two RMSNorms (see above);
+    attention keeps rotated q (c·h), k and v repeated to all heads by transformers' `repeat_kv`
+    (2·c·h), the SDPA output (c·h) and its reshaped copy that o_proj keeps (c·h), and the fp32
+    log-sum-exp (4·a); the SwiGLU MLP keeps gate, up, silu(gate) and their product (4·c·i).
+    """
+    c, h, i = w.compute_bytes, w.arch.hidden_size, w.arch.intermediate_size
+    attention = 5 * c * h + 4 * w.arch.num_attention_heads
+    mlp = 4 * c * i
+    lora = 0
+    if w.method != "full" and w.lora_dropout > 0:
+        # peft applies dropout to each targeted Linear's input: the dropped copy (c) and mask (1 byte).
+        shapes = decoder_linear_shapes(w.arch)
+        lora = sum((c + 1) * shapes[name][0] for name in w.lora_targets)
+    return 2 * _norm_bytes_per_token(w) + attention + mlp + lora
+
+
+def activations(w: Workload) -> Figure:
+    """Returns bytes per GPU of activations kept for backward for one micro-batch."""
+    tokens = w.micro_batch * w.seq_len
+    layer = layer_activation_bytes_per_token(w) * tokens
+    head = (_norm_bytes_per_token(w) + w.compute_bytes * w.arch.hidden_size) * tokens
+    if w.activation_checkpointing:
+        # Korthikanti et al. §5 full recomputation: keep each layer's input (2·s·b·h per layer in fp16),
+        # then one layer's activations are live again while it is recomputed in backward.
+        kept = w.arch.num_layers * w.compute_bytes * w.arch.hidden_size * tokens
+        return Figure(kept + layer + head, "L·c·s·b·h (layer inputs) + one layer recomputed + final norm")
+    return Figure(w.arch.num_layers * layer + head, "L·(per-layer inventory)·s·b + final norm [Korthikanti 2022]")
+
+
+def logits(w: Workload) -> Figure:
+    """Returns bytes per GPU of the output logits and cross-entropy tensors at their peak (in backward).
+
+    transformers computes logits in the compute dtype (c·s·b·V) and its loss upcasts them to fp32;
+    cross-entropy keeps the fp32 log-softmax (4) and backward holds its incoming and outgoing
+    gradients (4 + 4) at once: (c + 12)·s·b·V, or 16·s·b·V in fp32 where the upcast is a no-op.
+    """
+    tokens = w.micro_batch * w.seq_len
+    per_token = (w.compute_bytes + 12) * w.arch.vocab_size
+    return Figure(per_token * tokens, f"({w.compute_bytes} + 12)·s·b·V")
+
+
+def _comm_buffer_bytes(w: Workload) -> tuple[int, str]:
+    c, h, p = w.compute_bytes, w.arch.hidden_size, w.params
+    s = w.strategy
+    if s.backend == "ddp":
+        # Mixed precision through autocast keeps a compute-dtype copy of every weight for backward.
+        cast = w.params.total * c if c < 4 and w.method == "full" else 0
+        return DDP_BUCKET_BYTES + cast, "2 × 25 MiB DDP buckets" + (" + N·c autocast weight copies" if cast else "")
+    if s.backend == "fsdp2":
+        # fully_shard per decoder layer: the running layer and the prefetched next are unsharded in
+        # param dtype; the root group (embedding, head, final norm) stays gathered through the step;
+        # one layer's gradients are unsharded (c) and upcast for the fp32 reduce-scatter (4).
+        root = (p.embedding + p.lm_head + h) * c
+        layers = 2 * p.per_layer * c + p.per_layer * (c + 4)
+        return root + layers, "(emb + head)·c + 2·layer·c all-gather + layer·(c+4) reduce-scatter"
+    # DeepSpeed with the bucket sizes the rendered ds_config sets (HF's `auto`: h² elements).
+    reduce_bucket = h * h * c * 2
+    if s.zero_stage == 3:
+        gathered = 4 * p.largest_layer  # DeepSpeed estimate_zero3_model_states_mem_needs: 4·largest layer
+        prefetch = int(0.9 * h * h) * c
+        return gathered + prefetch + reduce_bucket, "4·largest_layer + 0.9·h²·c prefetch + 2·h²·c reduce buckets"
+    allgather_bucket = h * h * c
+    return reduce_bucket + allgather_bucket, "2·h²·c reduce + h²·c all-gather buckets"
+
+
+def buffers(w: Workload, transient_bytes: int) -> Figure:
+    """Returns bytes per GPU of communication buffers, quantization scratch and allocator overhead.
+
+    `transient_bytes` is activations + logits: the allocations whose churn fragments memory.
+    """
+    comm, comm_formula = _comm_buffer_bytes(w)
+    scratch, scratch_formula = 0, ""
+    if w.method == "qlora":
+        # One Linear dequantized to the compute dtype at a time (bitsandbytes matmul_4bit).
+        largest_linear = max(i * o for i, o in decoder_linear_shapes(w.arch).values())
+        scratch, scratch_formula = largest_linear * w.compute_bytes, " + largest Linear dequantized"
+    if w.on_cpu:
+        overhead = int(CPU_ALLOCATOR_OVERHEAD * (transient_bytes + comm)) + CPU_PROCESS_BASELINE_BYTES
+        over_formula = f" + {CPU_ALLOCATOR_OVERHEAD}·(transient + comm) glibc + process baseline"
+    else:
+        overhead = int(CUDA_FRAGMENTATION * (transient_bytes + comm))
+        over_formula = f" + {CUDA_FRAGMENTATION}·(transient + comm) fragmentation"
+    return Figure(comm + scratch + overhead, comm_formula + scratch_formula + over_formula)
+
+
+def host_per_node(w: Workload) -> Figure:
+    """Returns CPU RAM per node: offloaded states plus one mmap'd copy of the checkpoint being loaded."""
+    s, n_t = w.strategy, w.trainable_params
+    load = w.params.total * w.compute_bytes  # safetensors are mmap'd: ranks on a node share the pages
+    offloaded, parts = 0, ["N·c checkpoint pages"]
+    if s.optimizer_on == "cpu":
+        per_param, text = _optimizer_bytes_per_param(w)
+        offloaded += int(n_t * (per_param + 4)) // w.nodes
+        parts.append(f"N_t·({text} + 4 fp32 grads) / nodes")
+    if s.params_on == "cpu":
+        offloaded += n_t * _trained_param_bytes(w) // w.nodes
+        parts.append("N·c params / nodes")
+    return Figure(load + offloaded, " + ".join(parts))
+
+
+def nvme_per_node(w: Workload) -> Figure:
+    """Returns NVMe bytes per node used by ZeRO-Infinity (params and optimizer states swapped out)."""
+    if w.strategy.optimizer_on != "nvme":
+        return Figure(0, "no NVMe offload")
+    per_param, text = _optimizer_bytes_per_param(w)
+    total = int(w.trainable_params * (per_param + w.compute_bytes)) // w.nodes
+    return Figure(total, f"N·({text} + c) / nodes")

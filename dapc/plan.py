@@ -1,0 +1,161 @@
+"""Spec + Decision → plan.json: the contract the runtime reads. Sorted keys, hashed, versioned."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dapc import __version__
+from dapc.cost import flops_per_token, run_cost
+from dapc.memory import GIB
+from dapc.planner import COMPONENTS, Candidate, Decision
+from dapc.resolve import Spec
+from dapc.runtime_config import deepspeed_config, fsdp_section
+
+SCHEMA_VERSION = 1
+
+
+def canonical_json(value: Any) -> str:
+    """Returns `value` as canonical JSON: sorted keys, no whitespace (what the hashes cover)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_of(value: Any) -> str:
+    """Returns the hex sha256 of `value`'s canonical JSON."""
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def _rounded(value: float) -> float:
+    # Stable text across platforms: 6 significant digits are far finer than the model's accuracy.
+    return float(f"{value:.6g}")
+
+
+def _memory(c: Candidate) -> dict[str, Any]:
+    per_gpu = {name: c.figures[name].bytes for name in COMPONENTS}
+    per_gpu["total"] = c.total_bytes
+    return {
+        "per_gpu_bytes": per_gpu,
+        "formulas": {name: c.figures[name].formula for name in COMPONENTS},
+        "device_capacity_bytes": c.capacity_bytes,
+        "headroom_bytes": c.headroom_bytes,
+        "fits": c.fits,
+        "misfit": c.misfit,
+        "cpu_per_node_bytes": c.cpu_per_node_bytes,
+        "nvme_per_node_bytes": c.nvme_per_node_bytes,
+    }
+
+
+def _paths(spec: Spec) -> dict[str, str]:
+    out = Path(spec.recipe.output)
+    return {
+        "output_dir": str(out),
+        "prepared_dir": spec.recipe.data.prepared_dir or str(out / "data"),
+        "checkpoint_dir": str(out / "checkpoints"),
+        "export_dir": str(out / "export"),
+        "metrics_path": str(out / "metrics.jsonl"),
+        "eval_dir": str(out / "eval"),
+    }
+
+
+def build_plan(spec: Spec, decision: Decision) -> dict[str, Any]:
+    """Returns plan.json's content (a dict) for a spec and the planner's decision."""
+    c, r = decision.chosen, spec.recipe
+    recipe = r.model_dump(mode="json")
+    hw = r.hardware
+    cost_step = c.step
+    run = run_cost(decision.steps, cost_step.step_seconds, spec.world_size, hw.usd_per_gpu_hour,
+                   spec.device.tdp_watts, hw.pue)
+    arch = asdict(spec.arch)
+    arch.pop("config_path")  # where it was read is provenance, not architecture
+    body: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": recipe,
+        "recipe_sha256": sha256_of(recipe),
+        "model": {
+            "name": spec.arch.name,
+            "params": {
+                "total": spec.params.total, "embedding": spec.params.embedding, "attention": spec.params.attention,
+                "mlp": spec.params.mlp, "norms": spec.params.norms, "lm_head": spec.params.lm_head,
+                "experts": spec.params.experts,
+            },
+            "tied": spec.params.tied,
+            "per_layer_params": spec.params.per_layer,
+            "largest_layer_params": spec.params.largest_layer,
+            "architecture": arch,
+            "config": spec.model_config,
+        },
+        "method": {"name": r.method.name, "trainable_params": spec.trainable_params},
+        "strategy": {
+            "name": c.strategy.name, "forced": decision.strategy_forced, "reason": decision.reason,
+            "backend": c.strategy.backend, "zero_stage": c.strategy.zero_stage, "description": c.strategy.description,
+        },
+        "batch": {
+            "seq_len": r.data.seq_len,
+            "micro_batch": c.micro_batch,
+            "grad_accum": c.grad_accum,
+            "global_batch_sequences": spec.global_batch_sequences,
+            "global_batch_tokens": spec.global_batch_sequences * r.data.seq_len,
+            "global_batch_origin": spec.global_batch_sequences_origin,
+            "world_size": spec.world_size,
+            "nodes": hw.nodes,
+            "gpus_per_node": hw.gpus_per_node,
+        },
+        "activation_checkpointing": c.activation_checkpointing,
+        "memory": {**_memory(c), "counter": "cpu.vm_hwm" if spec.device.is_cpu else "cuda.max_memory_reserved"},
+        "alternatives": [
+            {
+                "strategy": a.candidate.strategy.name, "micro_batch": a.candidate.micro_batch,
+                "activation_checkpointing": a.candidate.activation_checkpointing, "fits": a.candidate.fits,
+                "total_bytes": a.candidate.total_bytes, "step_seconds": _rounded(a.candidate.step.step_seconds),
+                "lost_because": a.lost_because,
+            }
+            for a in decision.alternatives
+        ],
+        "suggestions": decision.suggestions,
+        "cost": {
+            "tokens": decision.tokens,
+            "tokens_exact": decision.tokens_exact,
+            "tokens_per_byte_assumed": None if decision.tokens_exact else r.data.tokens_per_byte,
+            "corpus_bytes": spec.corpus_bytes,
+            "corpus_files": spec.corpus_files,
+            "flops_per_token": _rounded(flops_per_token(spec.arch, spec.params, r.data.seq_len, r.method.name,
+                                                        c.activation_checkpointing)),
+            "assumed_mfu": hw.assumed_mfu,
+            "compute_seconds": _rounded(cost_step.compute_seconds),
+            "comm_seconds": _rounded(cost_step.comm_seconds),
+            "offload_seconds": _rounded(cost_step.offload_seconds),
+            "step_seconds": _rounded(cost_step.step_seconds),
+            "steps": run.steps,
+            "wall_seconds": _rounded(run.wall_seconds),
+            "gpu_hours": _rounded(run.gpu_hours),
+            "usd": _rounded(run.usd),
+            "kwh": _rounded(run.kwh),
+        },
+        "device": {
+            "name": spec.device.name, "memory_bytes": spec.device.memory_bytes, "bf16_tflops": spec.device.bf16_tflops,
+            "memory_bandwidth_gbps": spec.device.memory_bandwidth_gbps, "tdp_watts": spec.device.tdp_watts,
+            "intra_node_gbps": spec.device.intra_node_gbps, "is_cpu": spec.device.is_cpu, "source": spec.device.source,
+        },
+        "paths": _paths(spec),
+        "runtime": {
+            "backend": c.strategy.backend,
+            "fsdp": fsdp_section(spec, c),
+            "deepspeed": deepspeed_config(spec, c),
+        },
+    }
+    body["plan_sha256"] = sha256_of(body)
+    body["provenance"] = {"dapc_version": __version__, "model_config_path": spec.arch.config_path}
+    return body
+
+
+def plan_json_text(plan: dict[str, Any]) -> str:
+    """Returns plan.json's text: sorted keys, two-space indent, trailing newline."""
+    return json.dumps(plan, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def gib(n_bytes: int) -> str:
+    """Returns `n_bytes` as a GiB string with one decimal."""
+    return f"{n_bytes / GIB:.1f}"

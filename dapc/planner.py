@@ -1,0 +1,279 @@
+"""Enumerate strategies × activation checkpointing × micro-batch, keep what fits, rank by modelled step time.
+
+Pure: a Spec in, a Decision out. Where nothing fits, it says what would, with the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import ceil
+
+from dapc import cost, memory
+from dapc.errors import DapcError
+from dapc.memory import GIB, Workload
+from dapc.models import lora_trainable_params
+from dapc.resolve import Spec
+from dapc.strategies import PREFERENCE_ORDER, STRATEGIES, Strategy
+
+MAX_MICRO_BATCH = 64
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "logits", "buffers")
+
+
+class PlanInputError(DapcError):
+    """A pinned choice that cannot be evaluated (e.g. a micro-batch that does not divide the batch)."""
+
+    def __init__(self, message: str, key_path: tuple):
+        super().__init__(message)
+        self.key_path = key_path
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One evaluated configuration: its memory per GPU, host and NVMe needs, time, and whether it fits."""
+
+    strategy: Strategy
+    micro_batch: int
+    activation_checkpointing: bool
+    grad_accum: int
+    figures: dict[str, memory.Figure]
+    cpu_per_node_bytes: int
+    nvme_per_node_bytes: int
+    capacity_bytes: int
+    headroom_bytes: int
+    cpu_ram_bytes: int
+    nvme_bytes: int
+    step: cost.StepTime
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes per GPU, all components."""
+        return sum(f.bytes for f in self.figures.values())
+
+    @property
+    def misfit(self) -> str | None:
+        """Why it does not fit, with the arithmetic; None when it fits."""
+        if self.total_bytes + self.headroom_bytes > self.capacity_bytes:
+            return (f"needs {self.total_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
+                    f"> {self.capacity_bytes / GIB:.1f} GiB")
+        if self.cpu_per_node_bytes > self.cpu_ram_bytes:
+            return (f"needs {self.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node "
+                    f"> {self.cpu_ram_bytes / GIB:.0f} GiB (hardware.cpu_ram_gib)")
+        if self.nvme_per_node_bytes > self.nvme_bytes:
+            return (f"needs {self.nvme_per_node_bytes / GIB:.0f} GiB NVMe per node "
+                    f"> {self.nvme_bytes / GIB:.0f} GiB (hardware.nvme_gib)")
+        return None
+
+    @property
+    def fits(self) -> bool:
+        """True when GPU memory (with headroom), host RAM and NVMe all suffice."""
+        return self.misfit is None
+
+    def sort_key(self) -> tuple:
+        """Fastest first; ties go to the simpler strategy, the larger micro-batch, no recomputation."""
+        return (round(self.step.step_seconds, 6), PREFERENCE_ORDER.index(self.strategy.name),
+                -self.micro_batch, self.activation_checkpointing)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """The best configuration of a strategy that was not chosen, and why it lost."""
+
+    candidate: Candidate
+    lost_because: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The planner's answer: the chosen candidate (possibly not fitting), alternatives, and remedies."""
+
+    chosen: Candidate
+    strategy_forced: bool
+    reason: str
+    alternatives: list[Alternative]
+    suggestions: list[str]
+    steps: int
+    tokens: int
+    tokens_exact: bool
+
+    @property
+    def fits(self) -> bool:
+        """True when the chosen configuration fits."""
+        return self.chosen.fits
+
+
+def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bool, **changes) -> Workload:
+    r = spec.recipe
+    workload = Workload(
+        arch=spec.arch, params=spec.params, method=r.method.name, trainable_params=spec.trainable_params,
+        precision=r.training.precision, optimizer=r.training.optimizer, strategy=strategy,
+        world_size=spec.world_size, gpus_per_node=r.hardware.gpus_per_node, nodes=r.hardware.nodes,
+        micro_batch=micro_batch, seq_len=r.data.seq_len, activation_checkpointing=checkpointing,
+        lora_dropout=r.method.lora.dropout, lora_targets=tuple(r.method.lora.target_modules),
+        nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu,
+    )
+    return replace(workload, **changes) if changes else workload
+
+
+def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bool, **changes) -> Candidate:
+    """Returns the memory, host needs and modelled time of one configuration."""
+    w = _workload(spec, strategy, micro_batch, checkpointing, **changes)
+    acts, logit = memory.activations(w), memory.logits(w)
+    figures = {
+        "weights": memory.weights(w),
+        "gradients": memory.gradients(w),
+        "optimizer": memory.optimizer(w),
+        "activations": acts,
+        "logits": logit,
+        "buffers": memory.buffers(w, acts.bytes + logit.bytes),
+    }
+    hw = spec.recipe.hardware
+    per_rank_sequences = spec.global_batch_sequences // w.world_size
+    grad_accum = max(1, per_rank_sequences // micro_batch)
+    tokens_per_step = spec.global_batch_sequences * w.seq_len
+    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing)
+    step = cost.step_time(strategy, spec.device, hw.inter_node_gbps, w.world_size, w.gpus_per_node,
+                          w.trainable_params, spec.params.total, w.compute_bytes, grad_accum, tokens_per_step,
+                          flops, hw.assumed_mfu)
+    capacity = spec.device.memory_bytes
+    return Candidate(
+        strategy=strategy, micro_batch=micro_batch, activation_checkpointing=checkpointing, grad_accum=grad_accum,
+        figures=figures, cpu_per_node_bytes=memory.host_per_node(w).bytes,
+        nvme_per_node_bytes=memory.nvme_per_node(w).bytes, capacity_bytes=capacity,
+        headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
+        nvme_bytes=int(hw.nvme_gib * GIB), step=step,
+    )
+
+
+def micro_batch_choices(per_rank_sequences: int) -> list[int]:
+    """Returns the micro-batches that divide a rank's sequences per step, up to MAX_MICRO_BATCH."""
+    return [m for m in range(1, min(per_rank_sequences, MAX_MICRO_BATCH) + 1) if per_rank_sequences % m == 0]
+
+
+def _check_batch(spec: Spec) -> int:
+    g, world = spec.global_batch_sequences, spec.world_size
+    if g % world:
+        raise PlanInputError(
+            f"global batch {g} sequences is not divisible by {world} GPUs "
+            f"({spec.recipe.hardware.nodes} nodes × {spec.recipe.hardware.gpus_per_node}); {g} / {world} = {g / world:.2f}",
+            ("training",),
+        )
+    per_rank = g // world
+    pinned = spec.recipe.training.micro_batch
+    if pinned != "auto" and per_rank % pinned:
+        raise PlanInputError(
+            f"micro_batch {pinned} × {world} GPUs × grad_accum must equal the global batch of {g} sequences, "
+            f"but {g} / {world} = {per_rank} per GPU is not a multiple of {pinned}",
+            ("training", "micro_batch"),
+        )
+    return per_rank
+
+
+def _tokens(spec: Spec) -> tuple[int, bool]:
+    r = spec.recipe
+    if r.training.tokens is not None:
+        return r.training.tokens, True
+    return int(spec.corpus_bytes * r.data.tokens_per_byte * r.training.epochs), False
+
+
+def _lost_because(best: Candidate, other: Candidate) -> str:
+    if not other.fits:
+        return f"does not fit: {other.misfit}"
+    if other.step.step_seconds > best.step.step_seconds * (1 + 1e-6):
+        return f"slower: {other.step.step_seconds:.3g} s/step vs {best.step.step_seconds:.3g} s/step"
+    return f"same modelled speed ({other.step.step_seconds:.3g} s/step); {best.strategy.name} has fewer moving parts"
+
+
+def _smallest_fitting(cands: list[Candidate]) -> Candidate:
+    return min(cands, key=lambda c: (not c.fits, c.total_bytes))
+
+
+def plan(spec: Spec) -> Decision:
+    """Returns the planner's decision for `spec`. Raises PlanInputError for pinned choices that cannot apply."""
+    per_rank = _check_batch(spec)
+    t = spec.recipe.training
+    forced = spec.recipe.strategy != "auto"
+    strategies = [STRATEGIES[spec.recipe.strategy]] if forced else [STRATEGIES[n] for n in PREFERENCE_ORDER]
+    checkpointing = [False, True] if t.activation_checkpointing == "auto" else [t.activation_checkpointing]
+    micro_batches = micro_batch_choices(per_rank) if t.micro_batch == "auto" else [t.micro_batch]
+    per_strategy: dict[str, list[Candidate]] = {}
+    for strategy in strategies:
+        per_strategy[strategy.name] = [
+            evaluate(spec, strategy, m, ckpt) for ckpt in checkpointing for m in micro_batches
+        ]
+    best_of = {}
+    for name, cands in per_strategy.items():
+        fitting = sorted((c for c in cands if c.fits), key=Candidate.sort_key)
+        best_of[name] = fitting[0] if fitting else _smallest_fitting(cands)
+    ranked = sorted(best_of.values(), key=lambda c: (not c.fits,) + c.sort_key())
+    chosen = ranked[0]
+    tokens, exact = _tokens(spec)
+    tokens_per_step = spec.global_batch_sequences * spec.recipe.data.seq_len
+    steps = max(1, ceil(tokens / tokens_per_step))
+    if t.max_steps is not None:
+        steps = min(steps, t.max_steps)
+    suggestions = [] if chosen.fits else suggest(spec, chosen)
+    return Decision(
+        chosen=chosen,
+        strategy_forced=forced,
+        reason=_reason(chosen, forced, len(per_strategy), sum(c.fits for c in best_of.values())),
+        alternatives=[Alternative(c, _lost_because(chosen, c)) for c in ranked[1:]],
+        suggestions=suggestions,
+        steps=steps,
+        tokens=tokens,
+        tokens_exact=exact,
+    )
+
+
+def _reason(chosen: Candidate, forced: bool, considered: int, fitting: int) -> str:
+    gib = chosen.total_bytes / GIB
+    where = f"{gib:.1f} GiB of {chosen.capacity_bytes / GIB:.1f} GiB per GPU"
+    if not chosen.fits:
+        return f"{'pinned by the recipe' if forced else 'nothing fits'}: {chosen.misfit}"
+    if forced:
+        return f"pinned by the recipe; fits ({where})"
+    return (f"fastest modelled step ({chosen.step.step_seconds:.3g} s) of {fitting} fitting strategies "
+            f"out of {considered}; {where}")
+
+
+def suggest(spec: Spec, closest: Candidate) -> list[str]:
+    """Returns what would fit where nothing does: more GPUs, QLoRA, offload, a shorter sequence. With numbers."""
+    hw, out = spec.recipe.hardware, []
+    sharded = [STRATEGIES["fsdp2-full"], STRATEGIES["zero3"]]
+
+    def fits_with(strategy: Strategy, **changes) -> Candidate | None:
+        cands = [evaluate(spec, strategy, 1, True, **changes)]
+        return cands[0] if cands[0].fits else None
+
+    for nodes in (n for n in range(hw.nodes + 1, 4097) if n == hw.nodes + 1 or n % 2 == 0):
+        world = nodes * hw.gpus_per_node
+        found = next((c for s in sharded if (c := fits_with(s, world_size=world, nodes=nodes))), None)
+        if found:
+            out.append(f"{nodes} nodes ({world} GPUs): {found.strategy.name} with micro_batch 1 and activation "
+                       f"checkpointing needs {found.total_bytes / GIB:.1f} GiB per GPU")
+            break
+    if spec.recipe.method.name != "qlora":
+        qlora = fits_with(STRATEGIES["fsdp2-full"], method="qlora", trainable_params=_lora_params(spec))
+        if qlora:
+            out.append(f"method: qlora (NF4 base, LoRA r={spec.recipe.method.lora.r}): fsdp2-full needs "
+                       f"{qlora.total_bytes / GIB:.1f} GiB per GPU on {spec.world_size} GPUs")
+    for name in ("zero3-offload-cpu", "zero3-offload-cpu-full", "fsdp2-offload-cpu", "zero3-offload-nvme"):
+        offload = evaluate(spec, STRATEGIES[name], 1, True)
+        if offload.fits:
+            out.append(f"strategy: {name}: {offload.total_bytes / GIB:.1f} GiB per GPU, "
+                       f"{offload.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node")
+            break
+    seq_len = spec.recipe.data.seq_len // 2
+    while seq_len >= 256:
+        short = next((c for s in sharded if (c := fits_with(s, seq_len=seq_len))), None)
+        if short:
+            out.append(f"data.seq_len: {seq_len}: {short.strategy.name} needs {short.total_bytes / GIB:.1f} GiB per GPU")
+            break
+        seq_len //= 2
+    if not out:
+        out.append(f"nothing tried fits; the closest, {closest.strategy.name}, {closest.misfit}")
+    return out
+
+
+def _lora_params(spec: Spec) -> int:
+    lora = spec.recipe.method.lora
+    return lora_trainable_params(spec.arch, lora.r, list(lora.target_modules))

@@ -1,0 +1,223 @@
+"""The recipe: what the user said. Pydantic models, `extra="forbid"`, every field typed, defaulted, described.
+
+Validators here only check; derived values (tokens, steps, micro-batch, strategy) are the planner's job.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SafeName = Annotated[str, StringConstraints(pattern=SAFE_NAME_PATTERN)]
+
+Precision = Literal["bf16", "fp16", "fp32"]
+StrategyName = Literal[
+    "ddp",
+    "fsdp2-full",
+    "fsdp2-hybrid",
+    "fsdp2-offload-cpu",
+    "zero1",
+    "zero2",
+    "zero2-offload-cpu",
+    "zero3",
+    "zero3-offload-cpu",
+    "zero3-offload-cpu-full",
+    "zero3-offload-nvme",
+]
+STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-defined]
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSection(Section):
+    source: str = Field(
+        description="A catalog name (e.g. meta-llama/Llama-3.1-8B), an HF id in the local HF cache, "
+        "or a path to a config.json or to a directory holding one (relative to the recipe file)."
+    )
+    dtype: Precision = Field("bf16", description="Dtype the base weights are loaded in.")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained",
+        description="`pretrained` loads the weights at `source`; `random` builds the model from its config "
+        "with random weights (tests, tiny examples).",
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=4096, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Literal[LINEAR_MODULES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(LINEAR_MODULES),
+        min_length=1,
+        description="Decoder Linear modules that get adapters.",
+    )
+
+
+class MethodSection(Section):
+    name: Literal["full", "lora", "qlora"] = Field(
+        "full", description="full continued pretraining, LoRA (frozen base), or QLoRA (frozen 4-bit base)."
+    )
+    lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings (lora, qlora).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit data type.")
+    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
+
+
+class DataSection(Section):
+    paths: list[str] = Field(
+        min_length=1,
+        description="Corpus files, directories (read recursively) or globs, relative to the recipe file.",
+    )
+    format: Literal["text", "jsonl", "parquet"] = Field("text", description="How each corpus file is read.")
+    text_field: str = Field("text", min_length=1, description="The field holding the text (jsonl, parquet).")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer directory or HF id; defaults to the model source."
+    )
+    seq_len: int = Field(2048, ge=8, le=1_048_576, description="Tokens per packed training sequence.")
+    validation_fraction: float = Field(
+        0.01, ge=0, lt=0.5, description="Share of documents held out for validation perplexity."
+    )
+    tokens_per_byte: float = Field(
+        0.25,
+        gt=0,
+        le=2,
+        description="Assumed tokens per corpus byte, used to estimate the token count before `prepare` "
+        "counts it exactly (Llama-3's tokenizer gives about 0.24 on English prose).",
+    )
+    prepared_dir: str | None = Field(
+        None, description="Where `prepare` writes the packed shards; defaults to <output>/data."
+    )
+
+
+class TrainingSection(Section):
+    tokens: int | None = Field(None, ge=1, description="Token budget; overrides `epochs`.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the corpus when `tokens` is unset.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    global_batch_tokens: int | None = Field(
+        None, ge=1, description="Tokens per optimizer step (must be a multiple of seq_len)."
+    )
+    global_batch_sequences: int | None = Field(
+        None, ge=1, description="Sequences per optimizer step; default 4 Mi tokens / seq_len."
+    )
+    micro_batch: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="Sequences per GPU per forward pass; `auto` lets the planner pick."
+    )
+    activation_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="Recompute activations in backward; `auto` lets the planner pick."
+    )
+    optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="AdamW, or bitsandbytes 8-bit AdamW.")
+    lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_fraction: float = Field(0.01, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; null disables.")
+    precision: Precision = Field("bf16", description="bf16/fp16 mixed precision (fp32 master weights) or fp32.")
+    seed: int = Field(1234, ge=0, description="Seeds the model init, the data order and dropout.")
+    log_every_steps: int = Field(1, ge=1, description="Steps between metric lines.")
+
+    @model_validator(mode="after")
+    def _one_batch_size(self) -> "TrainingSection":
+        if self.global_batch_tokens is not None and self.global_batch_sequences is not None:
+            raise ValueError("set global_batch_tokens or global_batch_sequences, not both")
+        return self
+
+
+class HardwareSection(Section):
+    gpu: str = Field("H100-SXM-80GB", description="GPU type from the hardware catalog, `cpu`, or `custom`.")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="Device memory; overrides the catalog.")
+    gpu_bf16_tflops: float | None = Field(None, gt=0, description="Dense bf16 TFLOP/s; overrides the catalog.")
+    gpu_memory_bandwidth_gbps: float | None = Field(None, gt=0, description="Device memory GB/s.")
+    gpu_tdp_watts: float | None = Field(None, gt=0, description="Board power; overrides the catalog.")
+    intra_node_gbps: float | None = Field(
+        None, gt=0, description="GPU-to-GPU bandwidth inside a node, GB/s per GPU per direction."
+    )
+    gpus_per_node: int = Field(8, ge=1, le=64, description="Training processes (GPUs) per node.")
+    nodes: int = Field(1, ge=1, le=4096, description="Number of nodes.")
+    cpu_ram_gib: float = Field(1024.0, gt=0, description="Host RAM per node available to training.")
+    nvme_gib: float = Field(0.0, ge=0, description="Local NVMe per node available for offload.")
+    nvme_path: str = Field("/local_nvme", min_length=1, description="Mount point of that NVMe on each node.")
+    inter_node_gbps: float = Field(
+        50.0, gt=0, description="Network bandwidth between nodes, GB/s per GPU (400 Gb/s NIC per GPU = 50)."
+    )
+    assumed_mfu: float = Field(0.40, gt=0, le=1, description="Model FLOPs utilisation assumed for time.")
+    usd_per_gpu_hour: float = Field(2.50, ge=0, description="Price of one GPU-hour.")
+    pue: float = Field(1.0, ge=1, le=3, description="Facility power usage effectiveness applied to TDP.")
+    headroom_fraction: float = Field(
+        0.05, ge=0, lt=0.9, description="Share of device memory kept free for safety."
+    )
+
+
+class SlurmSection(Section):
+    partition: SafeName | None = Field(None, description="Partition (-p); cluster default if unset.")
+    account: SafeName | None = Field(None, description="Account (-A).")
+    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$", description="Wall-clock limit.")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node; default 8 per GPU.")
+    extra_directives: list[str] = Field(
+        default_factory=list, description="Extra `#SBATCH` lines, e.g. `--exclusive` (written as given)."
+    )
+
+
+class LaunchSection(Section):
+    python: str = Field("python", min_length=1, description="Interpreter the scripts run.")
+    rdzv_port: int = Field(29500, ge=1024, le=65535, description="torchrun c10d rendezvous port.")
+    container_image: str | None = Field(None, description="Image for the Kubernetes PyTorchJob.")
+    namespace: SafeName = Field("default", description="Kubernetes namespace.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for training.")
+    slurm: SlurmSection = Field(default_factory=SlurmSection, description="SLURM settings.")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return env
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(500, ge=1, description="Optimizer steps between checkpoints.")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    export_hf: bool = Field(True, description="Write a Hugging Face model directory at the end.")
+    merge_lora: bool = Field(False, description="Export LoRA merged into the base instead of adapters only.")
+
+
+class BenchmarkRef(Section):
+    name: Literal["cti-mcq", "cybermetric", "seceval"] = Field(description="Benchmark format.")
+    path: str = Field(description="Local copy of the benchmark file (relative to the recipe file).")
+
+
+class EvalSection(Section):
+    benchmarks: list[BenchmarkRef] = Field(default_factory=list, description="Run after training.")
+    mode: Literal["loglik", "generate"] = Field("loglik", description="Option log-likelihood or generation.")
+    k_shot: int = Field(0, ge=0, le=25, description="Examples in each prompt.")
+    limit: int | None = Field(None, ge=1, description="Questions per benchmark (all when unset).")
+    general_text: list[str] = Field(
+        default_factory=list, description="General-English files for the forgetting perplexity."
+    )
+
+
+class Recipe(Section):
+    """A whole recipe, after `base:` inheritance and `--set` overrides."""
+
+    name: SafeName = Field(description="Run name: letters, digits, `.`, `_`, `-`.")
+    model: ModelSection
+    method: MethodSection = Field(default_factory=MethodSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    hardware: HardwareSection = Field(default_factory=HardwareSection)
+    strategy: Literal["auto"] | StrategyName = Field(  # type: ignore[valid-type]
+        "auto", description="Sharding strategy; `auto` lets the planner pick."
+    )
+    launch: LaunchSection = Field(default_factory=LaunchSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output: str = Field("runs", description="Run directory (relative to the recipe file); `render -o` overrides.")
