@@ -64,29 +64,33 @@ def step_time(
     world_size: int,
     gpus_per_node: int,
     trainable_params: int,
-    total_params: int,
+    param_bytes: int,
     compute_bytes: int,
     grad_accum: int,
     tokens_per_step: int,
     flops_token: float,
     mfu: float,
 ) -> StepTime:
-    """Returns the modelled step time at `mfu` of the device's dense bf16 peak, plus collectives."""
+    """Returns the modelled step time at `mfu` of the device's dense bf16 peak, plus collectives.
+
+    `param_bytes` is the whole parameter set as gathered (compute dtype, or NF4 for QLoRA); sharded
+    strategies gather it twice per micro-batch (forward, backward) and reduce-scatter gradients.
+    """
     compute = flops_token * tokens_per_step / (world_size * device.bf16_tflops * 1e12 * mfu)
     nodes = max(1, world_size // gpus_per_node)
     link = inter_node_gbps if nodes > 1 else device.intra_node_gbps
-    n_t, n = trainable_params, total_params
+    n_t = trainable_params
     if strategy.backend == "ddp":
         comm = 2 * _ring_seconds(4 * n_t, world_size, link)  # all-reduce = reduce-scatter + all-gather
     elif strategy.zero_stage in (1, 2):
         comm = _ring_seconds(compute_bytes * n_t * grad_accum, world_size, link)
         comm += _ring_seconds(compute_bytes * n_t, world_size, link)
     elif strategy.hybrid:
-        per_micro = 2 * compute_bytes * n + (compute_bytes + 4) * n_t
+        per_micro = 2 * param_bytes + (compute_bytes + 4) * n_t
         comm = _ring_seconds(per_micro * grad_accum, gpus_per_node, device.intra_node_gbps)
         comm += 2 * _ring_seconds(4 * n_t / gpus_per_node, nodes, inter_node_gbps)
     else:  # parameters gathered for forward and again for backward, gradients reduce-scattered
-        per_micro = 2 * compute_bytes * n + (compute_bytes + 4) * n_t
+        per_micro = 2 * param_bytes + (compute_bytes + 4) * n_t
         comm = _ring_seconds(per_micro * grad_accum, world_size, link)
     offload = 0.0
     shard_params = n_t / world_size
@@ -97,7 +101,7 @@ def step_time(
         offload = shard_params * gpus_per_node * 2 * (12 + compute_bytes) / (NVME_GBPS * 1e9)
         offload += shard_params * gpus_per_node / CPU_ADAM_PARAMS_PER_SECOND
     if strategy.params_on != "gpu":
-        offload += grad_accum * 2 * compute_bytes * n / world_size / (HOST_LINK_GBPS * 1e9)
+        offload += grad_accum * 2 * param_bytes / world_size / (HOST_LINK_GBPS * 1e9)
     return StepTime(compute, comm, offload)
 
 

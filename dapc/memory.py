@@ -66,6 +66,7 @@ class Workload:
     lora_targets: tuple[str, ...]
     nf4_double_quant: bool
     on_cpu: bool
+    zero_fp32_grad_partition: bool = True
 
     @property
     def compute_bytes(self) -> int:
@@ -95,6 +96,14 @@ def nf4_bytes(num_params: int, double_quant: bool) -> int:
     """Returns bytes of `num_params` weights stored in NF4 with their quantization constants (QLoRA §3)."""
     constant_bits = NF4_CONSTANT_BITS_DOUBLE_QUANT if double_quant else NF4_CONSTANT_BITS_SINGLE
     return ceil(num_params * (NF4_BITS_PER_PARAM + constant_bits) / 8)
+
+
+def gathered_param_bytes(w: Workload) -> int:
+    """Returns bytes of the whole parameter set as collectives move it: compute dtype, NF4 where quantized."""
+    if w.method == "qlora":
+        quantized = quantized_params(w.params)
+        return nf4_bytes(quantized, w.nf4_double_quant) + (w.params.total - quantized) * w.compute_bytes
+    return w.params.total * w.compute_bytes
 
 
 def _uses_master_copy(w: Workload) -> bool:
@@ -135,13 +144,28 @@ def weights(w: Workload) -> Figure:
 
 
 def gradients(w: Workload) -> Figure:
-    """Returns bytes per GPU of gradient storage for the trainable parameters."""
+    """Returns bytes per GPU of gradient storage for the trainable parameters.
+
+    FSDP2 and DDP: fp32 gradients of the fp32 parameters. DeepSpeed with bf16/fp16: the ZeRO paper
+    (§3) counts 2 bytes of 16-bit gradients; DeepSpeed's runtime also keeps an fp32 copy of each
+    rank's gradient partition for the step (its estimator: "18 = 2_grads_16bit + 4_grads_32bit +
+    4_params_32bit + 8_optimizer_states", deepspeed/runtime/zero/stage_1_and_2.py), and under ZeRO-3
+    reduces straight into that fp32 partition (stage3.py estimate: 18·N/D = 2 + 4 + 12).
+    `w.zero_fp32_grad_partition` False gives the paper's accounting.
+    """
     if w.strategy.optimizer_on != "gpu":
         return Figure(0, "gradients are moved to the offload device each step (see buffers)")
-    grad_bytes = w.compute_bytes if _uses_master_copy(w) else 4
-    d = w.shard if w.strategy.grads_sharded else 1
-    source = "ZeRO paper §3 (2Ψ fp16 gradients)" if _uses_master_copy(w) else "fp32 gradients of fp32 params"
-    return Figure(w.trainable_params * grad_bytes // d, f"N_t·{grad_bytes} / D={d} [{source}]")
+    n_t, d = w.trainable_params, w.shard if w.strategy.grads_sharded else 1
+    if not _uses_master_copy(w):
+        return Figure(n_t * 4 // d, f"N_t·4 / D={d} (fp32 gradients of fp32 parameters)")
+    c = w.compute_bytes
+    if not w.zero_fp32_grad_partition:
+        return Figure(n_t * c // d, f"N_t·{c} / D={d} [ZeRO paper §3: 16-bit gradients]")
+    shard = w.shard
+    if w.strategy.zero_stage == 3:
+        return Figure(n_t * 4 // shard, f"N_t·4 / D={shard} fp32 partitions [DeepSpeed stage3 estimator]")
+    return Figure(n_t * c // d + n_t * 4 // shard,
+                  f"N_t·{c} / D={d} 16-bit + N_t·4 / D={shard} fp32 partition [DeepSpeed stage_1_and_2 estimator]")
 
 
 def _optimizer_bytes_per_param(w: Workload) -> tuple[float, str]:

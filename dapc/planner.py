@@ -132,7 +132,7 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
     tokens_per_step = spec.global_batch_sequences * w.seq_len
     flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing)
     step = cost.step_time(strategy, spec.device, hw.inter_node_gbps, w.world_size, w.gpus_per_node,
-                          w.trainable_params, spec.params.total, w.compute_bytes, grad_accum, tokens_per_step,
+                          w.trainable_params, memory.gathered_param_bytes(w), w.compute_bytes, grad_accum, tokens_per_step,
                           flops, hw.assumed_mfu)
     capacity = spec.device.memory_bytes
     return Candidate(
