@@ -151,11 +151,13 @@ def micro_batch_choices(per_rank_sequences: int) -> list[int]:
 
 def _check_batch(spec: Spec) -> int:
     g, world = spec.global_batch_sequences, spec.world_size
+    t = spec.recipe.training
+    batch_key = ("training", "global_batch_sequences" if t.global_batch_sequences else "global_batch_tokens")
     if g % world:
         raise PlanInputError(
             f"global batch {g} sequences is not divisible by {world} GPUs "
-            f"({spec.recipe.hardware.nodes} nodes × {spec.recipe.hardware.gpus_per_node}); {g} / {world} = {g / world:.2f}",
-            ("training",),
+            f"({_nodes_text(spec.recipe.hardware.nodes)} × {spec.recipe.hardware.gpus_per_node}); {g} / {world} = {g / world:.2f}",
+            batch_key,
         )
     per_rank = g // world
     pinned = spec.recipe.training.micro_batch
@@ -166,6 +168,10 @@ def _check_batch(spec: Spec) -> int:
             ("training", "micro_batch"),
         )
     return per_rank
+
+
+def _nodes_text(nodes: int) -> str:
+    return f"{nodes} node{'s' if nodes != 1 else ''}"
 
 
 def _tokens(spec: Spec) -> tuple[int, bool]:
