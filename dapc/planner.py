@@ -210,7 +210,9 @@ def plan(spec: Spec) -> Decision:
     for name, cands in per_strategy.items():
         fitting = sorted((c for c in cands if c.fits), key=Candidate.sort_key)
         best_of[name] = fitting[0] if fitting else _smallest_fitting(cands)
-    ranked = sorted(best_of.values(), key=lambda c: (not c.fits,) + c.sort_key())
+    # Fitting configurations by speed; then the rest by how close they come to fitting.
+    ranked = sorted((c for c in best_of.values() if c.fits), key=Candidate.sort_key) + sorted(
+        (c for c in best_of.values() if not c.fits), key=lambda c: c.total_bytes)
     chosen = ranked[0]
     tokens, exact = _tokens(spec)
     tokens_per_step = spec.global_batch_sequences * spec.recipe.data.seq_len

@@ -1,0 +1,116 @@
+"""The planner: never an unfit choice, pinned choices evaluated as given, and remedies with numbers."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from dapc.cli import main
+from dapc.compile import compile_recipe
+from dapc.memory import GIB
+
+
+def _plan(path, *overrides):
+    return compile_recipe(path, tuple(overrides)).plan
+
+
+def test_auto_never_picks_a_strategy_that_does_not_fit(minimal_recipe):
+    plan = _plan(minimal_recipe())
+    mem = plan["memory"]
+    assert mem["fits"] and mem["per_gpu_bytes"]["total"] + mem["headroom_bytes"] <= mem["device_capacity_bytes"]
+    assert plan["strategy"]["forced"] is False
+    unfit = [a for a in plan["alternatives"] if not a["fits"]]
+    assert [a["strategy"] for a in unfit] == ["zero3-offload-nvme", "ddp"]  # closest to fitting first
+    assert all(a["lost_because"].startswith("does not fit: needs ") for a in unfit)
+
+
+def test_alternatives_are_ranked_fitting_first_then_by_step_time(minimal_recipe):
+    plan = _plan(minimal_recipe())
+    fitting = [a for a in plan["alternatives"] if a["fits"]]
+    assert [a["step_seconds"] for a in fitting] == sorted(a["step_seconds"] for a in fitting)
+    assert plan["cost"]["step_seconds"] <= fitting[0]["step_seconds"]
+
+
+def test_components_sum_to_total(minimal_recipe):
+    per_gpu = _plan(minimal_recipe())["memory"]["per_gpu_bytes"]
+    assert per_gpu["total"] == sum(v for k, v in per_gpu.items() if k != "total")
+
+
+def test_batch_geometry_multiplies_out(minimal_recipe):
+    b = _plan(minimal_recipe())["batch"]
+    assert b["micro_batch"] * b["grad_accum"] * b["world_size"] == b["global_batch_sequences"] == 256
+    assert b["global_batch_tokens"] == 256 * 4096
+
+
+def test_pinned_choices_are_evaluated_as_given(minimal_recipe):
+    plan = _plan(minimal_recipe({"strategy": "zero3", "training": {"micro_batch": 2, "activation_checkpointing": True}}))
+    assert (plan["strategy"]["name"], plan["strategy"]["forced"]) == ("zero3", True)
+    assert (plan["batch"]["micro_batch"], plan["batch"]["grad_accum"], plan["activation_checkpointing"]) == (2, 16, True)
+    assert plan["alternatives"] == []
+
+
+def test_pinned_strategy_that_does_not_fit_exits_3_and_says_what_would(minimal_recipe):
+    path = minimal_recipe({"strategy": "ddp"})
+    result = CliRunner().invoke(main, ["plan", str(path), "--json"])
+    assert result.exit_code == 3
+    plan = json.loads(result.stdout)
+    assert plan["memory"]["fits"] is False and plan["strategy"]["name"] == "ddp"
+    assert plan["strategy"]["reason"].startswith("pinned by the recipe: needs ")
+    assert plan["suggestions"]
+
+
+def test_nothing_fits_suggests_more_gpus_qlora_offload_and_shorter_sequences(minimal_recipe):
+    path = minimal_recipe({"model": {"source": "meta-llama/Llama-3.1-70B"}, "hardware": {"gpus_per_node": 2}})
+    result = CliRunner().invoke(main, ["plan", str(path), "--json"])
+    assert result.exit_code == 3
+    plan = json.loads(result.stdout)
+    suggestions = plan["suggestions"]
+    assert plan["memory"]["fits"] is False
+    assert plan["strategy"]["reason"].startswith("nothing fits: needs ")
+    # The closest candidate is reported, not the first in the list.
+    assert plan["memory"]["per_gpu_bytes"]["total"] == min(a["total_bytes"] for a in plan["alternatives"] + [
+        {"total_bytes": plan["memory"]["per_gpu_bytes"]["total"]}])
+    assert suggestions == [
+        "12 nodes (24 GPUs): fsdp2-full with micro_batch 1 and activation checkpointing needs 72.1 GiB per GPU",
+        "method: qlora (NF4 base, LoRA r=16): fsdp2-full needs 49.7 GiB per GPU on 2 GPUs",
+    ]
+
+
+def test_render_writes_nothing_when_nothing_fits(minimal_recipe, tmp_path):
+    path = minimal_recipe({"strategy": "ddp"})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["render", str(path), "-o", str(out)])
+    assert result.exit_code == 3
+    assert not out.exists()
+    result = CliRunner().invoke(main, ["render", str(path), "-o", str(out), "--allow-unfit"])
+    assert result.exit_code == 3 and (out / "plan.json").exists()
+
+
+def test_405b_qlora_on_two_nodes_fits_an_h100(tmp_path):
+    plan = _plan("recipes/llama3.1-405b-qlora.yaml", "hardware.nodes=2")
+    assert plan["memory"]["fits"] and plan["method"]["name"] == "qlora"
+    assert plan["batch"]["world_size"] == 16
+    assert plan["memory"]["per_gpu_bytes"]["total"] < 80 * GIB
+
+
+def test_tokens_estimated_from_corpus_bytes_when_no_budget(minimal_recipe):
+    plan = _plan(minimal_recipe({"training": {"tokens": None, "epochs": 2}}))
+    corpus_bytes = len("Zero trust architecture.\n" * 40)
+    assert plan["cost"]["tokens_exact"] is False
+    assert plan["cost"]["tokens"] == int(corpus_bytes * 0.25 * 2)
+
+
+def test_cost_is_steps_times_step_time_times_gpus(minimal_recipe):
+    c = _plan(minimal_recipe({"hardware": {"usd_per_gpu_hour": 3.0}}))["cost"]
+    assert c["steps"] == -(-1_000_000_000 // 1_048_576)
+    assert abs(c["wall_seconds"] - c["steps"] * c["step_seconds"]) / c["wall_seconds"] < 1e-5
+    assert abs(c["gpu_hours"] - c["wall_seconds"] * 8 / 3600) / c["gpu_hours"] < 1e-5
+    assert abs(c["usd"] - c["gpu_hours"] * 3.0) / c["usd"] < 1e-5
+    assert abs(c["kwh"] - c["gpu_hours"] * 700 / 1000) / c["kwh"] < 1e-5
+
+
+def test_activation_checkpointing_costs_a_third_more_compute(minimal_recipe):
+    off = _plan(minimal_recipe({"strategy": "zero3", "training": {"activation_checkpointing": False}}))["cost"]
+    on = _plan(minimal_recipe({"strategy": "zero3", "training": {"activation_checkpointing": True}}))["cost"]
+    assert 1.25 < on["flops_per_token"] / off["flops_per_token"] < 1.34
