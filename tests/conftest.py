@@ -42,3 +42,6 @@ def _merge(base: dict, changes: dict) -> dict:
     for key, value in changes.items():
         merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return merged
+
+
+pytest_plugins = ["tests.slurm_cluster"]
