@@ -197,18 +197,21 @@ def layer_activation_bytes_per_token(w: Workload) -> int:
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1)
     count 34·s·b·h bytes per layer for GPT with fp16 and flash-style attention (no 5·a·s²·b term).
-    Here the same inventory is taken tensor by tensor for a Llama layer: two RMSNorms (see above);
-    attention keeps rotated q (c·h), k and v repeated to all heads by transformers' `repeat_kv`
-    (2·c·h), the SDPA output (c·h) and its reshaped copy that o_proj keeps (c·h), and the fp32
-    log-sum-exp (4·a); the SwiGLU MLP keeps gate, up, silu(gate) and their product (4·c·i).
+    Here the same inventory is taken tensor by tensor for transformers' Llama layer, and checked
+    against the tensors autograd actually saves (tests/test_memory_activations.py): two RMSNorms (see
+    above); attention keeps the rotated q (c·h), k and v at their GQA width (2·c·h_kv; SDPA takes
+    `enable_gqa`), the SDPA output, which o_proj reads as a view (c·h), and the fp32 log-sum-exp
+    (4·a); the SwiGLU MLP keeps gate, up, silu(gate) and their product (4·c·i). RoPE's cos and sin
+    are computed once per model and shared by all layers (see `activations`).
     """
-    c, h, i = w.compute_bytes, w.arch.hidden_size, w.arch.intermediate_size
-    attention = 5 * c * h + 4 * w.arch.num_attention_heads
-    mlp = 4 * c * i
+    c, a = w.compute_bytes, w.arch
+    kv_width = a.num_key_value_heads * a.head_dim
+    attention = c * (2 * a.hidden_size + 2 * kv_width) + 4 * a.num_attention_heads
+    mlp = 4 * c * a.intermediate_size
     lora = 0
     if w.method != "full" and w.lora_dropout > 0:
         # peft applies dropout to each targeted Linear's input: the dropped copy (c) and mask (1 byte).
-        shapes = decoder_linear_shapes(w.arch)
+        shapes = decoder_linear_shapes(a)
         lora = sum((c + 1) * shapes[name][0] for name in w.lora_targets)
     return 2 * _norm_bytes_per_token(w) + attention + mlp + lora
 
@@ -217,13 +220,14 @@ def activations(w: Workload) -> Figure:
     """Returns bytes per GPU of activations kept for backward for one micro-batch."""
     tokens = w.micro_batch * w.seq_len
     layer = layer_activation_bytes_per_token(w) * tokens
-    head = (_norm_bytes_per_token(w) + w.compute_bytes * w.arch.hidden_size) * tokens
+    # The final norm (its output is what lm_head keeps) and RoPE's cos and sin, shared by all layers.
+    final_norm = (_norm_bytes_per_token(w) + 2 * w.compute_bytes * w.arch.head_dim) * tokens
     if w.activation_checkpointing:
         # Korthikanti et al. §5 full recomputation: keep each layer's input (2·s·b·h per layer in fp16),
         # then one layer's activations are live again while it is recomputed in backward.
         kept = w.arch.num_layers * w.compute_bytes * w.arch.hidden_size * tokens
-        return Figure(kept + layer + head, "L·c·s·b·h (layer inputs) + one layer recomputed + final norm")
-    return Figure(w.arch.num_layers * layer + head, "L·(per-layer inventory)·s·b + final norm [Korthikanti 2022]")
+        return Figure(kept + layer + final_norm, "L·c·s·b·h (layer inputs) + one layer recomputed + final norm, RoPE")
+    return Figure(w.arch.num_layers * layer + final_norm, "L·(per-layer inventory)·s·b + final norm, RoPE [Korthikanti 2022]")
 
 
 def logits(w: Workload) -> Figure:
