@@ -112,3 +112,25 @@ def schema() -> None:
     from dapc.recipe import Recipe
 
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2, sort_keys=True))
+
+
+_PASS_THROUGH = {"context_settings": {"ignore_unknown_options": True, "allow_extra_args": True,
+                                      "help_option_names": []}}
+
+
+@main.command(**_PASS_THROUGH)
+@click.pass_context
+def prepare(ctx: click.Context) -> None:
+    """Tokenize and pack the plan's corpus: `dapc prepare --plan plan.json` (runs runtime.prepare; needs torch)."""
+    from runtime.prepare.__main__ import main as prepare_main
+
+    sys.exit(prepare_main(list(ctx.args)))
+
+
+@main.command(name="eval", **_PASS_THROUGH)
+@click.pass_context
+def eval_(ctx: click.Context) -> None:
+    """Benchmarks and perplexity: `dapc eval --model DIR [--compare-to DIR] ...` (runs runtime.evaluate)."""
+    from runtime.evaluate.__main__ import main as evaluate_main
+
+    sys.exit(evaluate_main(list(ctx.args)))
