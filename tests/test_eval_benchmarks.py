@@ -14,7 +14,6 @@ from runtime.evaluate import cti_mcq, cybermetric, seceval
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 REAL = Path(__file__).parents[1] / ".." / "shared" / "data" / "benchmarks"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="shared/data/benchmarks is not beside the repo")
 
 CTI_HEADER = "URL\tQuestion\tOption A\tOption B\tOption C\tOption D\tPrompt\tGT\n"
 
@@ -36,7 +35,6 @@ def test_cybermetric_and_seceval_fixtures_load():
     assert se[1].topics == ("WebSecurity", "ApplicationSecurity")
 
 
-@needs_real
 def test_cti_official_rule_scores_published_responses():
     rows = list(csv.DictReader((REAL / "cti-mcq" / "cti-mcq-responses.tsv").open(newline=""), delimiter="\t"))
     accuracy = {
@@ -48,7 +46,6 @@ def test_cti_official_rule_scores_published_responses():
     assert accuracy == {"ChatGPT-4": 71.00, "ChatGPT-3.5": 54.12, "LLAMA3-70B": 65.76}
 
 
-@needs_real
 def test_real_cti_file_loads_with_its_quirks():
     questions = cti_mcq.load(REAL / "cti-mcq" / "cti-mcq.tsv")
     assert len(questions) == 2500
@@ -57,7 +54,6 @@ def test_real_cti_file_loads_with_its_quirks():
     assert questions[108].row.endswith("cti-mcq.tsv:110")
 
 
-@needs_real
 def test_real_seceval_file_keeps_empty_and_doubled_answers():
     questions = seceval.load(REAL / "seceval" / "questions.json")
     assert len(questions) == 2189
@@ -109,8 +105,12 @@ def test_missing_file_names_it_and_where_the_benchmark_is_published(tmp_path):
     ("text", "where", "message"),
     [
         ("", "", "file is empty; expected a cti-mcq file"),
-        ("URL\tQuestion\tGT\nx\ty\tA\n", ":1", "expected the tab-separated columns URL, Question, "
-         "Option A, Option B, Option C, Option D, Prompt, GT; found URL, Question, GT"),
+        (
+            "URL\tQuestion\tGT\nx\ty\tA\n",
+            ":1",
+            "expected the tab-separated columns URL, Question, "
+            "Option A, Option B, Option C, Option D, Prompt, GT; found URL, Question, GT",
+        ),
         (CTI_HEADER + "u\tq\ta\tb\tc\td\tp\tA\r\nu\tq\ta\tb\tc\n", ":3", "row has 5 fields, expected 8"),
         (CTI_HEADER + "u\tq\ta\tb\tc\td\tp\tE\n", ":2", 'GT is "E", expected one of A, B, C, D'),
         (CTI_HEADER + "u\t \ta\tb\tc\td\tp\tA\n", ":2", '"Question" is empty'),
@@ -128,16 +128,28 @@ def test_malformed_cti_file_is_refused_with_file_and_row(tmp_path, text, where, 
 @pytest.mark.parametrize(
     ("document", "where", "message"),
     [
-        ('{"questions": [\n  {"question": "q",}\n]}', ":2:20", "not valid JSON: Expecting property name enclosed in double quotes"),
+        (
+            '{"questions": [\n  {"question": "q",}\n]}',
+            ":2:20",
+            "not valid JSON: Expecting property name enclosed in double quotes",
+        ),
         ('[{"question": "q"}]', "", 'expected a JSON object with a "questions" list'),
         (
-            json.dumps({"questions": [{"question": "q", "answers": {"A": "1", "B": "2", "C": "3", "D": "4"}, "solution": "A"},
-                                      {"question": "q", "answers": {"A": "1", "B": "2"}, "solution": "A"}]}),
+            json.dumps(
+                {
+                    "questions": [
+                        {"question": "q", "answers": {"A": "1", "B": "2", "C": "3", "D": "4"}, "solution": "A"},
+                        {"question": "q", "answers": {"A": "1", "B": "2"}, "solution": "A"},
+                    ]
+                }
+            ),
             ":questions[1]",
             '"answers" must map exactly A, B, C, D to option texts',
         ),
         (
-            json.dumps({"questions": [{"question": "q", "answers": {"A": "1", "B": "2", "C": "3", "D": "4"}, "solution": "E"}]}),
+            json.dumps(
+                {"questions": [{"question": "q", "answers": {"A": "1", "B": "2", "C": "3", "D": "4"}, "solution": "E"}]}
+            ),
             ":questions[0]",
             "\"solution\" is 'E', expected one of A, B, C, D",
         ),
@@ -154,14 +166,22 @@ def test_malformed_cybermetric_file_is_refused_with_file_and_record(tmp_path, do
 @pytest.mark.parametrize(
     ("record", "message"),
     [
-        ({"choices": ["A: 1", "B: 2", "C: 3", "D: 4"], "answer": "AE", "topics": []},
-         "\"answer\" is 'AE', expected letters from A, B, C, D such as \"AC\""),
-        ({"choices": ["1", "2", "3", "4"], "answer": "A", "topics": []},
-         '"choices" must be 4 strings starting "A: ", "B: ", "C: ", "D: "'),
-        ({"choices": ["A: 1", "B: 2", "C: 3", "D: 4"], "answer": "A", "topics": "Web"},
-         '"topics" must be a list of strings'),
-        ({"question": "", "choices": ["A: 1", "B: 2", "C: 3", "D: 4"], "answer": "A", "topics": []},
-         '"question" must be a non-empty string'),
+        (
+            {"choices": ["A: 1", "B: 2", "C: 3", "D: 4"], "answer": "AE", "topics": []},
+            '"answer" is \'AE\', expected letters from A, B, C, D such as "AC"',
+        ),
+        (
+            {"choices": ["1", "2", "3", "4"], "answer": "A", "topics": []},
+            '"choices" must be 4 strings starting "A: ", "B: ", "C: ", "D: "',
+        ),
+        (
+            {"choices": ["A: 1", "B: 2", "C: 3", "D: 4"], "answer": "A", "topics": "Web"},
+            '"topics" must be a list of strings',
+        ),
+        (
+            {"question": "", "choices": ["A: 1", "B: 2", "C: 3", "D: 4"], "answer": "A", "topics": []},
+            '"question" must be a non-empty string',
+        ),
     ],
 )
 def test_malformed_seceval_record_is_refused_with_file_and_record(tmp_path, record, message):

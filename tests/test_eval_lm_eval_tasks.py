@@ -1,18 +1,17 @@
 """The lm-eval task YAMLs in runtime/lm_eval_tasks ask what dapc asks and score it the same way.
-Runs only where lm-eval is installed (it is not a dapc dependency: `pip install lm-eval`)."""
+lm-eval is a test dependency (the `test` extra), not a runtime one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import lm_eval
 import pytest
+from lm_eval.tasks import TaskManager
 
 from runtime.evaluate import BENCHMARKS, HFModel, score_generate, score_loglik
 from runtime.evaluate.common import loglik_context
-
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.tasks import TaskManager  # noqa: E402
-from tests.test_eval_tiny_model import BENCHMARK_FILES, build_tiny_llama  # noqa: E402
+from tests.test_eval_tiny_model import BENCHMARK_FILES, build_tiny_llama
 
 TASKS_DIR = Path(__file__).parents[1] / "runtime" / "lm_eval_tasks"
 METADATA = {name.replace("-", "_"): str(path) for name, path in BENCHMARK_FILES.items()}

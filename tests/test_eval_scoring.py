@@ -39,7 +39,10 @@ class StandIn:
 
     def loglik(self, contexts: Sequence[str], continuations: Sequence[str]) -> list[float]:
         self.calls += 1
-        return [0.0 if k.strip() == self.pick(self._asked(c)) else -1.0 for c, k in zip(contexts, continuations)]
+        return [
+            0.0 if k.strip() == self.pick(self._asked(c)) else -1.0
+            for c, k in zip(contexts, continuations, strict=True)
+        ]
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int) -> list[str]:
         self.calls += 1
@@ -91,7 +94,9 @@ def test_seceval_reports_per_topic_accuracy():
 
 def test_generate_counts_unreadable_answers_as_wrong_and_unparsed():
     questions = _load("cybermetric")
-    score = score_generate(StandIn(questions, lambda q: q.gold, lambda s: "no idea"), BENCHMARKS["cybermetric"], questions)
+    score = score_generate(
+        StandIn(questions, lambda q: q.gold, lambda s: "no idea"), BENCHMARKS["cybermetric"], questions
+    )
     assert (score.accuracy, score.unparsed) == (0.0, 10)
 
 

@@ -8,13 +8,15 @@ import json
 import shutil
 from pathlib import Path
 
-import mistral_common
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from dapc.errors import DapcError
 from runtime.evaluate import HFModel, Prompt, perplexity, run_evaluation
 from runtime.evaluate.__main__ import main
+from runtime.evaluate.perplexity import text_files
+from runtime.tokenizer import resolve_tokenizer_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 BENCHMARK_FILES = {
@@ -29,10 +31,12 @@ TEXT = (
 
 
 def build_tiny_llama(directory: Path, seed: int) -> Path:
-    """A random-init 2-layer Llama with the Mistral v1 SentencePiece tokenizer, saved to `directory`."""
+    """A random-init 2-layer Llama with the Mistral v1 SentencePiece tokenizer, saved to `directory`
+    (loaded back with `AutoTokenizer.from_pretrained(directory)` by `HFModel`)."""
     directory.mkdir(parents=True)
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", directory / "tokenizer.model")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    # dapc's offline conversion of mistral-common's tokenizer.model.v1 (no protobuf needed).
+    for file in resolve_tokenizer_dir("mistral-common:v1").iterdir():
+        shutil.copy(file, directory / file.name)
     config = LlamaConfig(
         vocab_size=32000,
         hidden_size=64,
@@ -45,7 +49,6 @@ def build_tiny_llama(directory: Path, seed: int) -> Path:
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
     return directory
 
 
@@ -69,7 +72,7 @@ def test_batched_loglik_equals_one_request_at_a_time_and_a_direct_forward(base):
     contexts = ["Question: which port?\nAnswer:", "A much longer context about zero trust and networks.\nAnswer:"] * 3
     continuations = [" A", " B", " AB", " ABCD", " C", " D"]
     batched = base.loglik(contexts, continuations)
-    single = [base.loglik([c], [k])[0] for c, k in zip(contexts, continuations)]
+    single = [base.loglik([c], [k])[0] for c, k in zip(contexts, continuations, strict=True)]
     assert batched == pytest.approx(single, abs=1e-4)
     whole = base.tokenizer.encode(contexts[3] + continuations[3])
     n_context = len(base.tokenizer.encode(contexts[3]))
@@ -86,6 +89,27 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(base):
     assert all(text for text in batched)
 
 
+def test_chat_prompts_go_through_the_template_and_a_refused_system_turn_is_folded_in(models):
+    model = HFModel(models[0], device="cpu", chat=True)
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    )
+    prompt = Prompt(
+        plain="unused", chat=({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"})
+    )
+    assert model.tokenizer.decode(model.encode_prompt(prompt)) == "[user] Be brief.\n\nHi\n[assistant]"
+
+
+def test_missing_model_directory_is_a_located_error(tmp_path):
+    with pytest.raises(DapcError) as e:
+        run_evaluation(tmp_path / "nope", {}, tmp_path / "out", general_text=tmp_path)
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'nope'}: model not found: expected a Hugging Face model directory with config.json"
+    )
+
+
 def test_perplexity_of_a_text_file_equals_that_of_its_tokens(base, tmp_path):
     path = tmp_path / "domain.txt"
     path.write_text(TEXT)
@@ -95,6 +119,16 @@ def test_perplexity_of_a_text_file_equals_that_of_its_tokens(base, tmp_path):
     assert (from_text.tokens, from_text.windows) == (300 - 5, 5)
     assert from_text.perplexity == pytest.approx(from_tokens.perplexity, rel=1e-6)
     assert 20_000 < from_text.perplexity < 45_000  # a random model is close to uniform over 32,000 pieces
+
+
+def test_text_directory_reads_its_text_files_but_not_licence_or_readme(tmp_path):
+    for name in ("b.md", "a/c.txt", "LICENSE.txt", "README.md", "data.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("text")
+    assert text_files(tmp_path) == [tmp_path / "a" / "c.txt", tmp_path / "b.md"]
+    with pytest.raises(DapcError) as e:
+        text_files([tmp_path / "missing.txt"])
+    assert str(e.value) == f"{tmp_path / 'missing.txt'}: text file or directory not found"
 
 
 def test_run_evaluation_compares_two_models_and_writes_json_markdown_and_png(models, tmp_path):

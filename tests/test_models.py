@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft
 import pytest
+import torch
+import transformers
 
 from dapc.errors import DapcError, ModelNotFoundError
 from dapc.models import (
@@ -20,9 +23,6 @@ from dapc.models import (
     lora_trainable_params,
 )
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 # Totals the model cards publish (billions of parameters).
 PUBLISHED_TOTALS = {
