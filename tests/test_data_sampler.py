@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
-from runtime.data import DistributedResumableSampler, PackedDataset  # noqa: E402
-from runtime.prepare import PrepareError  # noqa: E402
+from runtime.data import DistributedResumableSampler, PackedDataset
+from runtime.prepare import PrepareError
 
 
 def _batches(sampler: DistributedResumableSampler, count: int) -> list[list[int]]:
@@ -35,7 +35,10 @@ def test_ranks_get_disjoint_samples_that_cover_all_but_the_tail_of_each_epoch():
 
 
 def test_epochs_are_shuffled_by_seed_and_epoch_only():
-    a, b = DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5), DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5)
+    a, b = (
+        DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5),
+        DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5),
+    )
     assert _batches(a, 30) == _batches(b, 30)
     first, second = a.permutation(0), a.permutation(1)
     assert sorted(first.tolist()) == list(range(50)) and first.tolist() != second.tolist()
@@ -45,7 +48,9 @@ def test_epochs_are_shuffled_by_seed_and_epoch_only():
 @pytest.mark.parametrize("k", [0, 1, 7, 8, 9, 23])
 def test_resuming_after_k_batches_yields_exactly_the_uninterrupted_batches(k):
     world = 3
-    uninterrupted = [_batches(DistributedResumableSampler(101, r, world, seed=11, micro_batch=4), 30) for r in range(world)]
+    uninterrupted = [
+        _batches(DistributedResumableSampler(101, r, world, seed=11, micro_batch=4), 30) for r in range(world)
+    ]
     for rank in range(world):
         before = DistributedResumableSampler(101, rank, world, seed=11, micro_batch=4)
         assert _batches(before, k) == uninterrupted[rank][:k]
@@ -59,7 +64,12 @@ def test_state_dict_is_epoch_and_position():
     sampler = DistributedResumableSampler(40, 1, 2, seed=3, micro_batch=4)
     _batches(sampler, 6)  # 5 steps per epoch: one epoch and one step
     assert sampler.state_dict() == {
-        "epoch": 1, "consumed_samples": 8, "seed": 3, "num_samples": 40, "world_size": 2, "micro_batch": 4,
+        "epoch": 1,
+        "consumed_samples": 8,
+        "seed": 3,
+        "num_samples": 40,
+        "world_size": 2,
+        "micro_batch": 4,
     }
     with pytest.raises(ValueError, match=r"^sampler state was saved with seed 3, this sampler has 4$"):
         DistributedResumableSampler(40, 1, 2, seed=4, micro_batch=4).load_state_dict(sampler.state_dict())
@@ -85,15 +95,43 @@ def _write_prepared(directory: Path, seq_len: int, shard_sizes: list[int]) -> np
     for n, size in enumerate(shard_sizes):
         name = f"train-{n:05d}.bin"
         rows[start : start + size].astype("<u4").tofile(directory / name)
-        shards.append({"file": name, "split": "train", "first_sequence": start, "sequences": size,
-                       "bytes": size * seq_len * 4, "sha256": ""})
+        shards.append(
+            {
+                "file": name,
+                "split": "train",
+                "first_sequence": start,
+                "sequences": size,
+                "bytes": size * seq_len * 4,
+                "sha256": "",
+            }
+        )
         start += size
     tokenizer = {"spec": "t", "sha256": "", "vocab_size": 70000, "eos_token_id": 0}
-    stats = {"documents": 1, "words": 1, "content_tokens": 1, "tokens": 1, "sequences": start,
-             "packed_tokens": start * seq_len, "dropped_tokens": 0}
-    manifest = {"format_version": 1, "fingerprint": "", "seq_len": seq_len, "dtype": "uint32", "tokenizer": tokenizer,
-                "data_format": "text", "text_field": None, "files": [], "seed": 0, "validation_fraction": 0.0,
-                "split_rule": "", "packing": {}, "splits": {"train": stats}, "shards": shards}
+    stats = {
+        "documents": 1,
+        "words": 1,
+        "content_tokens": 1,
+        "tokens": 1,
+        "sequences": start,
+        "packed_tokens": start * seq_len,
+        "dropped_tokens": 0,
+    }
+    manifest = {
+        "format_version": 1,
+        "fingerprint": "",
+        "seq_len": seq_len,
+        "dtype": "uint32",
+        "tokenizer": tokenizer,
+        "data_format": "text",
+        "text_field": None,
+        "files": [],
+        "seed": 0,
+        "validation_fraction": 0.0,
+        "split_rule": "",
+        "packing": {},
+        "splits": {"train": stats},
+        "shards": shards,
+    }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return rows
 
@@ -113,5 +151,7 @@ def test_packed_dataset_reads_samples_across_shards_as_int64(tmp_path):
 def test_packed_dataset_refuses_a_truncated_shard(tmp_path):
     _write_prepared(tmp_path, seq_len=8, shard_sizes=[3, 5])
     (tmp_path / "train-00001.bin").write_bytes(b"\0" * 10)
-    with pytest.raises(PrepareError, match=r"train-00001\.bin: shard missing or truncated \(expected 160 bytes\); prepare again$"):
+    with pytest.raises(
+        PrepareError, match=r"train-00001\.bin: shard missing or truncated \(expected 160 bytes\); prepare again$"
+    ):
         PackedDataset(tmp_path)

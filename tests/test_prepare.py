@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("mistral_common")
 
-from runtime.data import PackedDataset  # noqa: E402
-from runtime.prepare import PrepareError, load_manifest, prepare_corpus, prepare_from_plan  # noqa: E402
-from runtime.prepare.encode import is_validation  # noqa: E402
-from runtime.prepare.shards import SplitWriter  # noqa: E402
-from runtime.tokenizer import load_tokenizer  # noqa: E402
+from runtime.data import PackedDataset
+from runtime.prepare import PrepareError, load_manifest, prepare_corpus, prepare_from_plan
+from runtime.prepare.encode import is_validation
+from runtime.prepare.shards import SplitWriter
+from runtime.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 NIST = REPO / ".." / "shared" / "data" / "corpus" / "nist-sp800-63-3"
@@ -42,7 +40,14 @@ def _write_jsonl(path: Path, texts: list[str]) -> Path:
 
 
 def _prepare(paths, out, **kwargs):
-    settings = dict(data_format="text", tokenizer=TOKENIZER, seq_len=128, validation_fraction=0.1, seed=7, workers=1)
+    settings = {
+        "data_format": "text",
+        "tokenizer": TOKENIZER,
+        "seq_len": 128,
+        "validation_fraction": 0.1,
+        "seed": 7,
+        "workers": 1,
+    }
     return prepare_corpus([str(p) for p in paths], prepared_dir=str(out), **{**settings, **kwargs})
 
 
@@ -87,7 +92,7 @@ def test_nist_corpus_is_packed_into_seq_len_samples_of_documents_joined_by_eos(t
 
 def test_same_input_gives_identical_shards_and_manifest_for_any_worker_count(tmp_path):
     corpus = _write_jsonl(tmp_path / "docs.jsonl", _documents(300))
-    kwargs = dict(data_format="jsonl", text_field="text", unit_bytes=16 << 10, shard_sequences=50)
+    kwargs = {"data_format": "jsonl", "text_field": "text", "unit_bytes": 16 << 10, "shard_sequences": 50}
     _prepare([corpus], tmp_path / "one", workers=1, **kwargs)
     _prepare([corpus], tmp_path / "two", workers=2, **kwargs)
     assert _shard_hashes(tmp_path / "one") == _shard_hashes(tmp_path / "two")
@@ -96,7 +101,7 @@ def test_same_input_gives_identical_shards_and_manifest_for_any_worker_count(tmp
 
 
 def test_jsonl_and_parquet_holding_the_same_documents_give_the_same_shards(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq
     import pyarrow as pa
 
     texts = _documents(120, seed=1)
@@ -111,8 +116,12 @@ def test_jsonl_and_parquet_holding_the_same_documents_give_the_same_shards(tmp_p
 
 def test_split_follows_document_content_not_order_and_duplicates_stay_together(tmp_path):
     texts = _documents(200, seed=2)
-    forward = _prepare([_write_jsonl(tmp_path / "f.jsonl", texts + texts[:20])], tmp_path / "f", data_format="jsonl", text_field="text")
-    backward = _prepare([_write_jsonl(tmp_path / "b.jsonl", texts[::-1])], tmp_path / "b", data_format="jsonl", text_field="text")
+    forward = _prepare(
+        [_write_jsonl(tmp_path / "f.jsonl", texts + texts[:20])], tmp_path / "f", data_format="jsonl", text_field="text"
+    )
+    backward = _prepare(
+        [_write_jsonl(tmp_path / "b.jsonl", texts[::-1])], tmp_path / "b", data_format="jsonl", text_field="text"
+    )
     validation = {t for t in texts if is_validation(hashlib.sha256(t.encode()).digest(), 7, 0.1)}
     assert backward.splits["validation"].documents == len(validation)
     assert forward.splits["validation"].documents == len(validation) + len(validation & set(texts[:20]))
@@ -123,7 +132,9 @@ def test_split_follows_document_content_not_order_and_duplicates_stay_together(t
 
 def test_a_literal_eos_string_in_the_text_is_not_an_end_of_document(tmp_path):
     corpus = _write_jsonl(tmp_path / "d.jsonl", ["alpha </s> beta " * 40, "gamma delta " * 40])
-    manifest = _prepare([corpus], tmp_path / "o", data_format="jsonl", text_field="text", validation_fraction=0.0, seq_len=16)
+    manifest = _prepare(
+        [corpus], tmp_path / "o", data_format="jsonl", text_field="text", validation_fraction=0.0, seq_len=16
+    )
     assert manifest.splits["train"].documents == 2
     assert int((_tokens(tmp_path / "o", "train") == 2).sum()) <= 2  # only the EOS tokens packing added
 
@@ -148,8 +159,15 @@ prepare_corpus([sys.argv[1]], prepared_dir=sys.argv[2], data_format="jsonl", tex
 
 def test_a_run_killed_after_its_first_shard_resumes_to_identical_shards(tmp_path):
     corpus = _write_jsonl(tmp_path / "docs.jsonl", _documents(500, seed=4))
-    settings = dict(data_format="jsonl", text_field="text", seq_len=64, validation_fraction=0.2, seed=3,
-                    shard_sequences=32, unit_bytes=4096)
+    settings = {
+        "data_format": "jsonl",
+        "text_field": "text",
+        "seq_len": 64,
+        "validation_fraction": 0.2,
+        "seed": 3,
+        "shard_sequences": 32,
+        "unit_bytes": 4096,
+    }
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(corpus), str(killed)], cwd=REPO)
     deadline = time.monotonic() + 60
@@ -193,11 +211,26 @@ def test_rerun_returns_the_finished_manifest_and_other_settings_are_refused(tmp_
     assert e.value.location == str(tmp_path)
 
 
+def test_an_unfinished_preparation_of_other_settings_is_refused(tmp_path):
+    (tmp_path / "progress.json").write_text(json.dumps({"fingerprint": "other"}))
+    with pytest.raises(PrepareError, match=r"holds an unfinished preparation of other inputs or settings"):
+        _prepare([NIST], tmp_path)
+
+
 def test_prepare_from_plan_reads_the_recipe_data_and_training_seed(tmp_path):
-    data = {"paths": [str(NIST)], "format": "text", "text_field": "text", "tokenizer": TOKENIZER, "seq_len": 128,
-            "validation_fraction": 0.1, "prepared_dir": str(tmp_path / "plan")}
+    data = {
+        "paths": [str(NIST)],
+        "format": "text",
+        "text_field": "text",
+        "tokenizer": TOKENIZER,
+        "seq_len": 128,
+        "validation_fraction": 0.1,
+        "prepared_dir": str(tmp_path / "plan"),
+    }
     manifest = prepare_from_plan({"recipe": {"data": data, "training": {"seed": 7}}}, workers=1)
-    assert _shard_hashes(tmp_path / "plan") == _shard_hashes(Path(_prepare([NIST], tmp_path / "direct") and tmp_path / "direct"))
+    assert _shard_hashes(tmp_path / "plan") == _shard_hashes(
+        Path(_prepare([NIST], tmp_path / "direct") and tmp_path / "direct")
+    )
     assert manifest.seed == 7 and manifest.text_field is None
     del data["seq_len"]
     with pytest.raises(PrepareError, match=r"^plan.json: plan has no recipe.data.seq_len$"):
@@ -206,7 +239,9 @@ def test_prepare_from_plan_reads_the_recipe_data_and_training_seed(tmp_path):
 
 def test_paths_that_match_no_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PrepareError, match=r"no text files match \(a directory contributes .txt, .md, .text, .rst\)") as e:
+    with pytest.raises(
+        PrepareError, match=r"no text files match \(a directory contributes .txt, .md, .text, .rst\)"
+    ) as e:
         _prepare([tmp_path / "empty"], tmp_path / "o")
     assert e.value.location == str(tmp_path / "empty")
     with pytest.raises(PrepareError, match=r"^.*/\*\.jsonl: no jsonl files match"):
@@ -227,7 +262,7 @@ def test_a_missing_text_field_is_located_and_lists_the_fields(tmp_path):
     bad.write_text('{"text": "fine"}\n{"body": "no text", "id": 3}\n')
     with pytest.raises(PrepareError, match=r"^.*/bad\.jsonl:2: no field 'text' \(fields: body, id\)$"):
         _prepare([bad], tmp_path / "o", data_format="jsonl", text_field="text")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow.parquet as pq
     import pyarrow as pa
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
@@ -243,10 +278,23 @@ def test_text_that_is_not_utf8_is_located(tmp_path):
 
 def test_cli_prints_one_located_line_and_exits_2_on_bad_input(tmp_path):
     plan = tmp_path / "plan.json"
-    data = {"paths": [str(tmp_path / "nothing")], "format": "text", "text_field": "text", "tokenizer": TOKENIZER,
-            "seq_len": 128, "validation_fraction": 0.1, "prepared_dir": str(tmp_path / "out")}
+    data = {
+        "paths": [str(tmp_path / "nothing")],
+        "format": "text",
+        "text_field": "text",
+        "tokenizer": TOKENIZER,
+        "seq_len": 128,
+        "validation_fraction": 0.1,
+        "prepared_dir": str(tmp_path / "out"),
+    }
     plan.write_text(json.dumps({"recipe": {"data": data, "training": {"seed": 1}}}))
-    result = subprocess.run([sys.executable, "-m", "runtime.prepare", "--plan", str(plan)], cwd=REPO,
-                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.prepare", "--plan", str(plan)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert result.returncode == 2
     assert result.stderr == f"error: {tmp_path / 'nothing'}: no such file or directory\n"

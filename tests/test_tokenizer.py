@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("mistral_common")
 
-from runtime.tokenizer import TokenizerError, load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256  # noqa: E402
+from runtime.tokenizer import TokenizerError, load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
 
 NIST = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "corpus" / "nist-sp800-63-3"
 
@@ -37,8 +35,10 @@ def test_mistral_common_v1_builds_in_a_fresh_cache_and_reloads_from_it(tmp_path,
 
 
 def test_mistral_common_v1_encodes_like_sentencepiece_on_the_nist_corpus(mistral):
-    spm = pytest.importorskip("sentencepiece")
-    processor = spm.SentencePieceProcessor(model_file=str(resolve_tokenizer_dir("mistral-common:v1") / "tokenizer.model"))
+    import sentencepiece as spm
+    processor = spm.SentencePieceProcessor(
+        model_file=str(resolve_tokenizer_dir("mistral-common:v1") / "tokenizer.model")
+    )
     texts = []
     for path in sorted(NIST.rglob("*.md")):
         text = path.read_text()
@@ -49,7 +49,9 @@ def test_mistral_common_v1_encodes_like_sentencepiece_on_the_nist_corpus(mistral
 
 
 def test_unknown_spec_names_what_would_load(tmp_path):
-    with pytest.raises(TokenizerError, match=r"^tokenizer '.*nope' is neither a local directory nor one of mistral-common:v1$"):
+    with pytest.raises(
+        TokenizerError, match=r"^tokenizer '.*nope' is neither a local directory nor one of mistral-common:v1$"
+    ):
         load_tokenizer(str(tmp_path / "nope"))
     with pytest.raises(TokenizerError, match=r"unknown mistral-common tokenizer 'v9'; known: v1$"):
         load_tokenizer("mistral-common:v9")

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m runtime.evaluate",
         description="Score a model, and the model it was adapted from, on security benchmarks and perplexity.",
     )
-    parser.add_argument("--model", required=True, help="Hugging Face model directory to evaluate (the adapted model)")
+    parser.add_argument("--plan", help="plan.json: evaluate its export against its base, as its recipe's eval says")
+    parser.add_argument("--model", help="Hugging Face model directory to evaluate (the adapted model)")
     parser.add_argument("--compare-to", help="model directory to compare with (the base model)")
     parser.add_argument(
         "--benchmark",
@@ -49,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-max-tokens", type=int, default=1 << 20, help="perplexity tokens per text set")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", required=True, help="directory for results.json, comparison.md, comparison.png")
+    parser.add_argument("--out", help="directory for results.json, comparison.md, comparison.png")
     args = parser.parse_args(argv)
+    if not args.plan and not (args.model and args.out):
+        parser.error("give --plan plan.json, or --model DIR and --out DIR")
     try:
+        if args.plan:
+            from runtime.evaluate.from_plan import evaluate_from_plan
+
+            evaluate_from_plan(args.plan, device=args.device)
+            return 0
         run_evaluation(
             args.model,
             dict(args.benchmark),

@@ -1,0 +1,157 @@
+"""Training samples from prepared shards, and a sampler that is exactly resumable across ranks.
+
+    dataset = PackedDataset(prepared_dir, split="train")        # sample i: LongTensor [seq_len]
+    sampler = DistributedResumableSampler(len(dataset), rank, world_size, seed, micro_batch)
+    sampler.load_state_dict(checkpoint["sampler"])                # when resuming
+    for indices in sampler:                                       # the rest of the current epoch
+        input_ids = dataset.batch(indices)                        # [micro_batch, seq_len]; labels = input_ids
+        ...
+        checkpoint["sampler"] = sampler.state_dict()              # counts the batches handed out so far
+
+Order: epoch e visits the samples in `permutation(seed, e)`, a pure function of the seed and the epoch
+(numpy's PCG64 seeded with SeedSequence([seed, e])), so the state is two integers and no RNG state. Every
+step takes the next `world_size × micro_batch` entries of that order; rank r takes the r-th block of
+`micro_batch`, so ranks never share a sample within an epoch. The last `num_samples mod (world_size ×
+micro_batch)` entries of each epoch's order are skipped (a different few each epoch).
+
+Exact resume: `state_dict()` is `{epoch, consumed_samples}` (plus what it was built for); after loading it a
+sampler yields exactly the batches an uninterrupted one yields from that point. That holds when the batches
+were taken one at a time (`DataLoader(num_workers=0)` or `dataset.batch`); a prefetching DataLoader draws
+indices ahead of the training step, so its sampler state would run ahead. Resuming under another world size
+or micro-batch continues the same epoch order from the same sample, but the batches differ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from runtime.prepare import load_manifest
+from runtime.prepare.sources import PrepareError
+
+__all__ = ["DistributedResumableSampler", "PackedDataset"]
+
+
+class PackedDataset(Dataset):
+    """The packed sequences of one split of a prepared directory, read through memory maps, opened lazily."""
+
+    def __init__(self, prepared_dir: str | os.PathLike, split: str = "train"):
+        self.manifest = load_manifest(prepared_dir)
+        if split not in self.manifest.splits:
+            raise PrepareError(
+                f"no split {split!r}; the manifest has {', '.join(self.manifest.splits)}", str(prepared_dir)
+            )
+        self.split, self.seq_len = split, self.manifest.seq_len
+        self._paths = []
+        counts = []
+        for shard in self.manifest.shards_for(split):
+            path = os.path.join(prepared_dir, shard.file)
+            if not os.path.isfile(path) or os.path.getsize(path) != shard.bytes:
+                raise PrepareError(f"shard missing or truncated (expected {shard.bytes:,} bytes); prepare again", path)
+            self._paths.append(path)
+            counts.append(shard.sequences)
+        self._starts = np.cumsum([0, *counts])
+        self._maps: list[np.memmap] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        index %= len(self)
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return torch.from_numpy(self._shards()[shard][index - self._starts[shard]].astype(np.int64))
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """Samples `indices` stacked: LongTensor [len(indices), seq_len]."""
+        if not len(indices):
+            return torch.empty(0, self.seq_len, dtype=torch.int64)
+        return torch.stack([self[int(i)] for i in indices])
+
+    def __getstate__(self) -> dict:  # DataLoader workers reopen the maps instead of copying them
+        return {**self.__dict__, "_maps": None}
+
+    def _shards(self) -> list[np.memmap]:
+        if self._maps is None:
+            dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
+            self._maps = [np.memmap(p, dtype=dtype, mode="r").reshape(-1, self.seq_len) for p in self._paths]
+        return self._maps
+
+
+class DistributedResumableSampler:
+    """Yields this rank's micro-batches (lists of sample indices) for the rest of the current epoch."""
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, micro_batch: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch {micro_batch} must be at least 1")
+        if num_samples < world_size * micro_batch:
+            raise ValueError(
+                f"{num_samples} samples cannot fill one step: world_size {world_size} × micro_batch {micro_batch} "
+                f"= {world_size * micro_batch}"
+            )
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.micro_batch = seed, micro_batch
+        self.epoch = 0
+        self.consumed_samples = 0  # of this epoch's order, by all ranks together
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def step_samples(self) -> int:
+        return self.world_size * self.micro_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.step_samples
+
+    def __len__(self) -> int:
+        """Micro-batches left in the current epoch."""
+        return (self.num_samples - self.consumed_samples) // self.step_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if len(self) == 0:  # a state saved under a larger step may leave less than one step of this epoch
+            self.epoch, self.consumed_samples = self.epoch + 1, 0
+        while True:
+            order = self.permutation(self.epoch)
+            start = self.consumed_samples + self.rank * self.micro_batch
+            batch = order[start : start + self.micro_batch].tolist()
+            self.consumed_samples += self.step_samples  # before the yield: the state counts batches handed out
+            last = len(self) == 0
+            if last:
+                self.epoch, self.consumed_samples = self.epoch + 1, 0
+            yield batch
+            if last:
+                return
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The sample order of `epoch`: a function of (seed, epoch) only."""
+        if self._order is None or self._order[0] != epoch:
+            generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed % 2**64, epoch])))
+            self._order = (epoch, generator.permutation(self.num_samples))
+        return self._order[1]
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed_samples": self.consumed_samples,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "micro_batch": self.micro_batch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"sampler state was saved with {key} {state[key]}, this sampler has {getattr(self, key)}"
+                )
+        if not 0 <= state["consumed_samples"] <= self.num_samples:
+            raise ValueError(f"consumed_samples {state['consumed_samples']} is outside [0, {self.num_samples}]")
+        self.epoch, self.consumed_samples = int(state["epoch"]), int(state["consumed_samples"])

@@ -1,0 +1,26 @@
+"""Corpus → tokenized, packed, fixed-length token shards with a manifest. See `pipeline` for the design.
+
+    python -m runtime.prepare --plan plan.json [--workers N] [--no-progress] [--json]
+
+Output in `prepared_dir`: `train-00000.bin`, … and `validation-00000.bin`, … (raw little-endian uint16 or
+uint32 arrays of shape sequences × seq_len; every sample is exactly seq_len tokens, documents joined by EOS,
+the final remainder dropped), and `manifest.json` (`Manifest`), written last.
+"""
+
+from .manifest import FORMAT_VERSION, Manifest, SplitStats, TokenizerInfo, load_manifest
+from .pipeline import prepare_corpus, prepare_from_plan
+from .shards import ShardInfo
+from .sources import InputFile, PrepareError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "InputFile",
+    "Manifest",
+    "PrepareError",
+    "ShardInfo",
+    "SplitStats",
+    "TokenizerInfo",
+    "load_manifest",
+    "prepare_corpus",
+    "prepare_from_plan",
+]

@@ -1,0 +1,128 @@
+"""`manifest.json`: what a prepared directory holds, and the index from sample number to shard.
+
+Written last, atomically, so its presence means the preparation is complete. It holds no timestamps and
+nothing about the machine (not the worker count), so the same inputs and settings give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .shards import ShardInfo, fsync_dir
+from .sources import InputFile, PrepareError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    spec: str  # as the recipe wrote it: a directory or "mistral-common:v1"
+    sha256: str  # over the tokenizer's files (runtime.tokenizer.tokenizer_sha256)
+    vocab_size: int  # len(tokenizer), added tokens included
+    eos_token_id: int
+
+
+@dataclass(frozen=True)
+class SplitStats:
+    documents: int
+    words: int  # whitespace-separated, as `str.split()` counts them
+    content_tokens: int  # the documents' tokens, EOS not counted
+    tokens: int  # content_tokens + one EOS per document
+    sequences: int
+    packed_tokens: int  # sequences × seq_len
+    dropped_tokens: int  # the final remainder shorter than seq_len
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    fingerprint: str  # sha256 of inputs and every setting that changes the shards; a rerun must match it
+    seq_len: int
+    dtype: str  # "uint16" or "uint32", little-endian
+    tokenizer: TokenizerInfo
+    data_format: str
+    text_field: str | None
+    files: list[InputFile]
+    seed: int
+    validation_fraction: float
+    split_rule: str
+    packing: dict  # how documents became sequences: separator, bos, remainder, shard_sequences, unit_bytes
+    splits: dict[str, SplitStats]
+    shards: list[ShardInfo] = field(default_factory=list)  # the index: shard files in sample order per split
+
+    @property
+    def words(self) -> int:
+        return sum(s.words for s in self.splits.values())
+
+    @property
+    def content_tokens(self) -> int:
+        return sum(s.content_tokens for s in self.splits.values())
+
+    @property
+    def tokens_per_word(self) -> float:
+        return self.content_tokens / self.words if self.words else 0.0
+
+    def shards_for(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["corpus"] = {
+            "files": len(self.files),
+            "bytes": sum(f.bytes for f in self.files),
+            "documents": sum(s.documents for s in self.splits.values()),
+            "words": self.words,
+            "tokens": self.content_tokens,
+            "tokens_per_word": round(self.tokens_per_word, 6),
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        data = {k: v for k, v in data.items() if k != "corpus"}
+        if data.get("format_version") != FORMAT_VERSION:
+            raise PrepareError(
+                f"manifest format_version {data.get('format_version')} is not {FORMAT_VERSION}; prepare again"
+            )
+        return cls(
+            **{
+                **data,
+                "tokenizer": TokenizerInfo(**data["tokenizer"]),
+                "files": [InputFile(**f) for f in data["files"]],
+                "splits": {k: SplitStats(**v) for k, v in data["splits"].items()},
+                "shards": [ShardInfo(**s) for s in data["shards"]],
+            }
+        )
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        write_json_atomic(path, self.to_dict())
+        return path
+
+
+def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:
+    path = Path(prepared_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise PrepareError(
+            "no manifest.json: the corpus is not prepared (run `python -m runtime.prepare --plan plan.json`)",
+            str(prepared_dir),
+        )
+    try:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError, KeyError) as e:
+        raise PrepareError(f"unreadable manifest: {e}", str(path)) from e
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

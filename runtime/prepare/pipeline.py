@@ -1,0 +1,395 @@
+"""Corpus → packed token shards: the orchestration.
+
+Order of work: resolve the input paths, load and check the tokenizer, hash the inputs (their sha256s go in
+the manifest and the fingerprint), then stream work units through a process pool, at most `2 × workers` units
+in flight, results taken in unit order, each appended to its split's `SplitWriter`. Memory is bounded by the
+window (a unit is ~1 MiB of text) plus one carried partial sequence per split; shards go straight to disk.
+
+Resuming: after a unit that committed a shard, and at least every few seconds, the writers' state and the
+next unit number are recorded atomically in `progress.json`. A rerun with the same fingerprint (inputs and
+settings) skips the units already done and continues; the output is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from runtime.tokenizer import load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
+
+from .encode import SPLIT_RULE, SPLITS, EncodeSettings, UnitResult, encode_unit, init_worker
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Manifest,
+    SplitStats,
+    TokenizerInfo,
+    load_manifest,
+    write_json_atomic,
+)
+from .shards import ResumeMismatch, SplitWriter
+from .sources import FORMATS, PrepareError, hash_file, plan_units, resolve_paths
+
+DEFAULT_UNIT_BYTES = 1 << 20
+DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB per shard file
+CHECKPOINT_SECONDS = 5.0
+PROGRESS_NAME = "progress.json"
+_COUNTERS = ("documents", "words", "content_tokens", "tokens")
+
+
+def prepare_from_plan(
+    plan: dict,
+    *,
+    workers: int | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+    source: str = "plan.json",
+) -> Manifest:
+    """Prepare the corpus `plan["recipe"]["data"]` describes, split with `plan["recipe"]["training"]["seed"]`.
+
+    `source` names the plan in error messages (its path, when it came from a file).
+    """
+    fmt = _plan_value(plan, source, "recipe.data.format", str)
+    paths = _plan_value(plan, source, "recipe.data.paths", list)
+    if not all(isinstance(p, str) for p in paths):
+        raise PrepareError(f"plan's recipe.data.paths is {paths!r}, expected a list of paths", source)
+    return prepare_corpus(
+        paths,
+        data_format=fmt,
+        text_field=_plan_value(plan, source, "recipe.data.text_field", str) if fmt != "text" else None,
+        tokenizer=_plan_value(plan, source, "recipe.data.tokenizer", str),
+        seq_len=_plan_value(plan, source, "recipe.data.seq_len", int),
+        validation_fraction=float(_plan_value(plan, source, "recipe.data.validation_fraction", (int, float))),
+        seed=_plan_value(plan, source, "recipe.training.seed", int),
+        prepared_dir=_plan_value(plan, source, "recipe.data.prepared_dir", str),
+        workers=workers,
+        console=console,
+        progress=progress,
+    )
+
+
+def prepare_corpus(
+    paths: Sequence[str],
+    *,
+    data_format: str,
+    tokenizer: str,
+    seq_len: int,
+    prepared_dir: str | os.PathLike,
+    text_field: str | None = None,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+    workers: int | None = None,
+    shard_sequences: int | None = None,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
+    console: Console | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Tokenize, split, pack and shard a corpus into `prepared_dir`; resumes an interrupted run; returns the manifest.
+
+    `workers` defaults to the CPU count (1 tokenizes in this process). `shard_sequences` defaults to 256 MiB per
+    shard. Neither the worker count nor the console changes the output; every other argument does.
+    """
+    _check_settings(data_format, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences)
+    text_field = None if data_format == "text" else text_field
+    files = resolve_paths(paths, data_format)
+    tok = load_tokenizer(tokenizer)
+    vocab_size = len(tok)
+    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    shard_sequences = shard_sequences or max(1, DEFAULT_SHARD_BYTES // (seq_len * np.dtype(dtype).itemsize))
+    settings = EncodeSettings(
+        data_format, text_field, seed, validation_fraction, tok.eos_token_id, 1 << (8 * np.dtype(dtype).itemsize)
+    )
+    tok_info = TokenizerInfo(tokenizer, tokenizer_sha256(tokenizer), vocab_size, tok.eos_token_id)
+    out = Path(prepared_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    started = time.monotonic()
+    with _exclusive(out), _mapper(workers, str(resolve_tokenizer_dir(tokenizer)), settings) as mapper:
+        inputs = list(mapper(hash_file, files))
+        base = Manifest(
+            format_version=FORMAT_VERSION,
+            fingerprint="",
+            seq_len=seq_len,
+            dtype=dtype,
+            tokenizer=tok_info,
+            data_format=data_format,
+            text_field=text_field,
+            files=inputs,
+            seed=seed,
+            validation_fraction=validation_fraction,
+            split_rule=SPLIT_RULE,
+            packing=_packing(shard_sequences, unit_bytes),
+            splits={},
+        )
+        fingerprint = _sha256_json({k: v for k, v in base.to_dict().items() if k not in ("corpus", "splits", "shards")})
+        done = _finished(out, fingerprint)
+        if done is not None:
+            _say(console, f"{escape(str(out))} already holds this preparation (fingerprint {fingerprint[:12]})")
+            _report(console, out, done, None)
+            return done
+        run = _Run(out, seq_len, dtype, shard_sequences, fingerprint, console)
+        try:
+            run.restore()
+            units = itertools.islice(plan_units(inputs, data_format, text_field, unit_bytes), run.next_unit, None)
+            with _progress_bar(console, progress, sum(f.bytes for f in inputs), run.input_bytes_done) as advance:
+                for result in mapper(encode_unit, units):
+                    run.add(result)
+                    advance(result.input_bytes, run.totals["content_tokens"])
+            manifest = run.finish(base, fingerprint)
+        finally:
+            run.close()
+    _report(console, out, manifest, (time.monotonic() - started, run.tokens_this_run))
+    return manifest
+
+
+class _Run:
+    """The mutable state of one preparation: writers, counters, position, and the progress record."""
+
+    def __init__(self, out: Path, seq_len: int, dtype: str, shard_sequences: int, fingerprint: str, console):
+        self.out, self.seq_len, self.dtype, self.shard_sequences = out, seq_len, dtype, shard_sequences
+        self.fingerprint, self.console = fingerprint, console
+        self.next_unit = self.input_bytes_done = self.tokens_this_run = 0
+        self.counters = {s: dict.fromkeys(_COUNTERS, 0) for s in SPLITS}
+        self.writers: dict[str, SplitWriter] = {}
+        self._last_checkpoint = time.monotonic()
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {k: sum(c[k] for c in self.counters.values()) for k in _COUNTERS}
+
+    def restore(self) -> None:
+        path = self.out / PROGRESS_NAME
+        try:
+            record = json.loads(path.read_text()) if path.is_file() else None
+        except ValueError:
+            record = {"fingerprint": self.fingerprint}  # unreadable: resuming fails below and starts over
+        if record is not None and record.get("fingerprint") != self.fingerprint:
+            raise PrepareError(
+                "holds an unfinished preparation of other inputs or settings (progress.json); "
+                "delete the directory or choose another prepared_dir",
+                str(self.out),
+            )
+        if record is not None:
+            try:
+                for s in SPLITS:
+                    self.writers[s] = SplitWriter.resume(
+                        self.out, s, self.seq_len, self.dtype, self.shard_sequences, record["splits"][s]
+                    )
+                self.next_unit, self.input_bytes_done = record["next_unit"], record["input_bytes_done"]
+                self.counters = record["counters"]
+                _say(
+                    self.console,
+                    f"resuming at work unit {self.next_unit:,} ({self.input_bytes_done:,} input bytes done)",
+                )
+                return
+            except (ResumeMismatch, KeyError, TypeError, ValueError) as e:
+                self.close()
+                self.writers = {}
+                _say(self.console, f"progress.json does not match the files ({e}); starting over")
+        _remove_outputs(self.out)
+        self.writers = {s: SplitWriter(self.out, s, self.seq_len, self.dtype, self.shard_sequences) for s in SPLITS}
+
+    def add(self, result: UnitResult) -> None:
+        if result.index != self.next_unit:
+            raise RuntimeError(f"work unit {result.index} arrived where {self.next_unit} was due")
+        commits = 0
+        for split in SPLITS:
+            commits += self.writers[split].add(result.tokens[split])
+            stats = self.counters[split]
+            stats["documents"] += result.documents[split]
+            stats["words"] += result.words[split]
+            stats["content_tokens"] += result.content_tokens[split]
+            stats["tokens"] += len(result.tokens[split])
+            self.tokens_this_run += result.content_tokens[split]
+        self.next_unit += 1
+        self.input_bytes_done += result.input_bytes
+        if commits or time.monotonic() - self._last_checkpoint >= CHECKPOINT_SECONDS:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        record = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "next_unit": self.next_unit,
+            "input_bytes_done": self.input_bytes_done,
+            "counters": self.counters,
+            "splits": {s: w.state() for s, w in self.writers.items()},
+        }
+        write_json_atomic(self.out / PROGRESS_NAME, record)
+        self._last_checkpoint = time.monotonic()
+
+    def finish(self, base: Manifest, fingerprint: str) -> Manifest:
+        splits = {}
+        for split, writer in self.writers.items():
+            dropped = writer.finish()
+            c = self.counters[split]
+            splits[split] = SplitStats(
+                documents=c["documents"],
+                words=c["words"],
+                content_tokens=c["content_tokens"],
+                tokens=c["tokens"],
+                sequences=writer.sequences,
+                packed_tokens=writer.sequences * self.seq_len,
+                dropped_tokens=dropped,
+            )
+        shards = [info for split in SPLITS for info in self.writers[split].committed]
+        manifest = Manifest(**{**base.__dict__, "fingerprint": fingerprint, "splits": splits, "shards": shards})
+        manifest.write(self.out)
+        (self.out / PROGRESS_NAME).unlink(missing_ok=True)
+        return manifest
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def _packing(shard_sequences: int, unit_bytes: int) -> dict:
+    return {
+        "separator": "eos after every document",
+        "bos": False,
+        "remainder": "dropped (fewer than seq_len tokens per split, at the end)",
+        "shard_sequences": shard_sequences,
+        "unit_bytes": unit_bytes,
+    }
+
+
+def _check_settings(fmt, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences) -> None:
+    if fmt not in FORMATS:
+        raise PrepareError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt != "text" and not text_field:
+        raise PrepareError(f"format {fmt!r} needs a text_field naming the column that holds the text")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise PrepareError(f"seq_len {seq_len!r} must be an integer of at least 2")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise PrepareError(f"validation_fraction {validation_fraction!r} must be in [0, 1)")
+    if unit_bytes < 1 or (shard_sequences is not None and shard_sequences < 1):
+        raise PrepareError(f"unit_bytes ({unit_bytes}) and shard_sequences ({shard_sequences}) must be positive")
+
+
+def _plan_value(plan: dict, source: str, dotted: str, kind):
+    node = plan
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise PrepareError(f"plan has no {dotted}", source)
+        node = node[key]
+    if not isinstance(node, kind) or isinstance(node, bool):
+        expected = getattr(kind, "__name__", "a number")
+        raise PrepareError(f"plan's {dotted} is {node!r}, expected {expected}", source)
+    return node
+
+
+def _sha256_json(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _finished(out: Path, fingerprint: str) -> Manifest | None:
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    manifest = load_manifest(out)
+    if manifest.fingerprint != fingerprint:
+        raise PrepareError(
+            f"holds a finished preparation of other inputs or settings (fingerprint {manifest.fingerprint[:12]}, "
+            f"now {fingerprint[:12]}); delete the directory or choose another prepared_dir",
+            str(out),
+        )
+    return manifest
+
+
+def _remove_outputs(out: Path) -> None:
+    """A fresh start: delete what an earlier unrecorded attempt may have left, and only files of our names."""
+    for split in SPLITS:
+        for path in out.glob(f"{split}-*.bin*"):
+            if path.name[len(split) + 1 :].split(".")[0].isdigit():
+                path.unlink()
+    (out / PROGRESS_NAME).unlink(missing_ok=True)
+
+
+@contextmanager
+def _exclusive(out: Path):
+    """One preparation per directory at a time (e.g. every rank calling prepare): the others wait, then reuse it."""
+    with open(out / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _mapper(workers: int, tokenizer_dir: str, settings: EncodeSettings):
+    """An ordered map over a process pool with at most 2 × workers tasks in flight (bounded memory)."""
+    if workers <= 1:
+        init_worker(tokenizer_dir, settings, single_thread=False)
+        yield map
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, init_worker, (tokenizer_dir, settings, True)) as pool:
+
+        def ordered(fn: Callable, items: Iterable) -> Iterator:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.apply_async(fn, (item,)))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+
+        yield ordered
+
+
+@contextmanager
+def _progress_bar(console: Console | None, enabled: bool, total_bytes: int, done_bytes: int):
+    if console is None or not enabled:
+        yield lambda n, tokens: None
+        return
+    columns = (
+        TextColumn("tokenizing"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("tokenizing", total=total_bytes, completed=done_bytes, tokens=0)
+        yield lambda n, tokens: bar.update(task, advance=n, tokens=tokens)
+
+
+def _say(console: Console | None, text: str) -> None:
+    if console is not None:
+        console.print(text, highlight=False, soft_wrap=True)
+
+
+def _report(console: Console | None, out: Path, m: Manifest, timing: tuple[float, int] | None) -> None:
+    """Words, tokens and tokens per word first: the figure users compare (the seed paper: 126M words, 118.8M tokens)."""
+    d = m.to_dict()["corpus"]
+    _say(console, f"corpus: {d['files']:,} files, {d['bytes']:,} bytes, {d['documents']:,} documents")
+    _say(
+        console,
+        f"corpus: {m.words:,} words, {m.content_tokens:,} tokens, {m.tokens_per_word:.3f} tokens/word (EOS not counted)",
+    )
+    for split, s in m.splits.items():
+        shards = len(m.shards_for(split))
+        _say(
+            console,
+            f"{split}: {s.documents:,} documents, {s.tokens:,} tokens with EOS → {s.sequences:,} sequences of {m.seq_len:,} "
+            f"tokens in {shards} shard{'s' if shards != 1 else ''} ({s.dropped_tokens:,} remainder tokens dropped)",
+        )
+    if timing is not None:
+        seconds, tokens = timing
+        _say(console, f"{tokens:,} tokens in {seconds:.1f} s: {tokens / max(seconds, 1e-9):,.0f} tokens/s")
+    _say(console, f"manifest: {escape(str(out / MANIFEST_NAME))} (shards of {m.dtype}, {len(m.shards)} files)")
