@@ -47,7 +47,7 @@ def _base_model_dir(plan_path: Path, eval_dir: Path) -> str:
     from runtime.train.model import base_model
 
     train_plan = load_plan(plan_path)
-    if train_plan.init == "pretrained":
+    if train_plan.model_init == "pretrained":
         return train_plan.model_source
     target = eval_dir / BASE_DIR_NAME
     if not (target / "config.json").exists():

@@ -20,3 +20,6 @@ python -m torch.distributed.run \
   --rdzv_endpoint "${master_addr}:${master_port}" \
   --rdzv_id tiny-cpu \
   -m runtime.train --plan "${plan}"
+
+# Benchmarks and perplexity, base model vs the exported one.
+python -m runtime.evaluate --plan "${plan}"
