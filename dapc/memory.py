@@ -66,6 +66,7 @@ class Workload:
     lora_targets: tuple[str, ...]
     nf4_double_quant: bool
     on_cpu: bool
+    model_init: str = "pretrained"  # pretrained | random: how the runtime builds the base
     zero_fp32_grad_partition: bool = True
 
     @property
@@ -287,11 +288,37 @@ def buffers(w: Workload, transient_bytes: int) -> Figure:
     return Figure(comm + scratch + overhead, comm_formula + scratch_formula + over_formula)
 
 
+def load_peak(w: Workload) -> Figure:
+    """Returns bytes on each device while the model loads, before sharding: nonzero where the runtime
+    materializes more than the steady state holds.
+
+    QLoRA: bitsandbytes quantizes while loading, onto the device (runtime/train/model.py loads with
+    `device_map` = this rank's device), so each device holds the whole NF4 base before `fully_shard`
+    splits it. Full training and LoRA under FSDP2 build on the meta device and receive their shards from
+    rank 0; DDP and ZeRO-1/2 hold the whole model in steady state anyway; ZeRO-3 partitions at creation.
+    """
+    if w.method != "qlora":
+        return Figure(0, "no more than the steady state")
+    return Figure(gathered_param_bytes(w), "whole NF4 base on each device before sharding (QLoRA loader)")
+
+
+def _host_load(w: Workload) -> tuple[int, str]:
+    ranks, n = min(w.gpus_per_node, w.world_size), w.params.total
+    full = 4 if w.method == "full" else w.compute_bytes
+    if w.method == "qlora" or w.strategy.zero_stage == 3 and w.strategy.backend == "deepspeed":
+        # Streams from mmap'd safetensors to the device (QLoRA) or partitions at creation (ZeRO-3):
+        # at most the file pages, shared through the page cache.
+        return n * w.compute_bytes, "N·c checkpoint pages"
+    if w.strategy.backend == "fsdp2" and w.model_init == "pretrained":
+        return n * full, f"N·{full} on rank 0, which loads and broadcasts the shards"
+    return ranks * n * full, f"{ranks} ranks × N·{full}: each rank builds the whole model before wrapping"
+
+
 def host_per_node(w: Workload) -> Figure:
-    """Returns CPU RAM per node: offloaded states plus one mmap'd copy of the checkpoint being loaded."""
+    """Returns CPU RAM per node: the model as the runtime loads it, plus offloaded states."""
     s, n_t = w.strategy, w.trainable_params
-    load = w.params.total * w.compute_bytes  # safetensors are mmap'd: ranks on a node share the pages
-    offloaded, parts = 0, ["N·c checkpoint pages"]
+    load, load_formula = _host_load(w)
+    offloaded, parts = 0, [load_formula]
     if s.optimizer_on == "cpu":
         per_param, text = _optimizer_bytes_per_param(w)
         offloaded += int(n_t * (per_param + 4)) // w.nodes
@@ -299,7 +326,8 @@ def host_per_node(w: Workload) -> Figure:
     if s.params_on == "cpu":
         offloaded += n_t * _trained_param_bytes(w) // w.nodes
         parts.append("N·c params / nodes")
-    return Figure(load + offloaded, " + ".join(parts))
+    return Figure(max(load, offloaded) if offloaded else load, " + ".join(parts) if not offloaded else
+                  f"max({parts[0]}, {' + '.join(parts[1:])})")
 
 
 def nvme_per_node(w: Workload) -> Figure:

@@ -43,6 +43,7 @@ def _memory(c: Candidate) -> dict[str, Any]:
         "headroom_bytes": c.headroom_bytes,
         "fits": c.fits,
         "misfit": c.misfit,
+        "load_peak_bytes": c.load_peak_bytes,
         "cpu_per_node_bytes": c.cpu_per_node_bytes,
         "nvme_per_node_bytes": c.nvme_per_node_bytes,
     }

@@ -36,6 +36,7 @@ class Candidate:
     activation_checkpointing: bool
     grad_accum: int
     figures: dict[str, memory.Figure]
+    load_peak_bytes: int
     cpu_per_node_bytes: int
     nvme_per_node_bytes: int
     capacity_bytes: int
@@ -55,6 +56,9 @@ class Candidate:
         if self.total_bytes + self.headroom_bytes > self.capacity_bytes:
             return (f"needs {self.total_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
                     f"> {self.capacity_bytes / GIB:.1f} GiB")
+        if self.load_peak_bytes + self.headroom_bytes > self.capacity_bytes:
+            return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB per GPU before sharding "
+                    f"> {self.capacity_bytes / GIB:.1f} GiB (the QLoRA loader quantizes the whole base on each GPU)")
         if self.cpu_per_node_bytes > self.cpu_ram_bytes:
             return (f"needs {self.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node "
                     f"> {self.cpu_ram_bytes / GIB:.0f} GiB (hardware.cpu_ram_gib)")
@@ -109,7 +113,7 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: b
         world_size=spec.world_size, gpus_per_node=r.hardware.gpus_per_node, nodes=r.hardware.nodes,
         micro_batch=micro_batch, seq_len=r.data.seq_len, activation_checkpointing=checkpointing,
         lora_dropout=r.method.lora.dropout, lora_targets=tuple(r.method.lora.target_modules),
-        nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu,
+        nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu, model_init=r.model.init,
     )
     return replace(workload, **changes) if changes else workload
 
@@ -137,7 +141,7 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
     capacity = spec.device.memory_bytes
     return Candidate(
         strategy=strategy, micro_batch=micro_batch, activation_checkpointing=checkpointing, grad_accum=grad_accum,
-        figures=figures, cpu_per_node_bytes=memory.host_per_node(w).bytes,
+        figures=figures, load_peak_bytes=memory.load_peak(w).bytes, cpu_per_node_bytes=memory.host_per_node(w).bytes,
         nvme_per_node_bytes=memory.nvme_per_node(w).bytes, capacity_bytes=capacity,
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
         nvme_bytes=int(hw.nvme_gib * GIB), step=step,

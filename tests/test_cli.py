@@ -26,20 +26,24 @@ def test_the_seed_recipes_are_all_shipped():
     }
 
 
+# The 405B QLoRA recipe plans, but the runtime's loader cannot load it yet (see test_planner.py).
+UNFIT = {"recipes/llama3.1-405b-qlora.yaml"}
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_shipped_recipe_validates_and_fits(recipe):
+def test_shipped_recipe_validates_and_plans(recipe):
     result = CliRunner().invoke(main, ["validate", str(REPO / recipe), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["valid"] is True
     result = CliRunner().invoke(main, ["plan", str(REPO / recipe), "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["memory"]["fits"] is True
+    assert result.exit_code == (3 if recipe in UNFIT else 0), result.output
+    assert json.loads(result.stdout)["memory"]["fits"] is (recipe not in UNFIT)
 
 
 @pytest.mark.parametrize("command", ["validate", "plan", "render", "schema"])
 def test_compiler_commands_never_import_torch(tmp_path, command):
     args = {"validate": ["validate", "recipes/cyber-dap-llama3.3-70b.yaml"],
-            "plan": ["plan", "recipes/llama3.1-405b-qlora.yaml", "--set", "hardware.nodes=2"],
+            "plan": ["plan", "recipes/cyber-dap-llama3.1-8b.yaml", "--set", "strategy=auto"],
             "render": ["render", "recipes/cyber-dap-llama3.3-70b.yaml", "-o", str(tmp_path / "out")],
             "schema": ["schema"]}[command]
     code = ("import sys\nfrom dapc.cli import main\n"
