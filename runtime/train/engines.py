@@ -1,0 +1,218 @@
+"""The backends behind one small interface: a micro-step (forward + backward), an optimizer step, and
+saving/loading their states into a checkpoint folder.
+
+- `TorchEngine`: DDP or FSDP2 (`fully_shard` per decoder layer, then the root), a torch optimizer, states
+  through DCP (`get_*_state_dict` / `set_*_state_dict`; LoRA saves only the trainable parameters).
+- `DeepSpeedEngine`: ZeRO 1/2/3 (with offload) from the plan's DeepSpeed config, passed as is, with our
+  torch AdamW; states through DeepSpeed's own `save_checkpoint` / `load_checkpoint`.
+The learning rate is a pure function of the step (`optim.lr_at`), set on the param groups before every
+optimizer step, so no scheduler state exists to save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .config import PlanError, TrainPlan
+from .model import DTYPES, compute_dtype, decoder_layers
+from .optim import build_optimizer, param_groups
+
+__all__ = ["DCP_DIR", "DEEPSPEED_DIR", "DeepSpeedEngine", "Engine", "TorchEngine", "make_engine"]
+
+DCP_DIR = "dcp"
+DEEPSPEED_DIR = "deepspeed"  # the folder DeepSpeed writes; also its checkpoint tag
+
+
+class Engine:
+    """What the loop drives. `model` is the wrapped module (for evaluation, not for stepping)."""
+
+    model: nn.Module
+
+    def micro_step(self, input_ids: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the (detached) mean loss.
+        `last` is the final micro-batch of the step: gradients are synchronized only then."""
+        raise NotImplementedError
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clips, steps the optimizer at learning rate `lr`, clears gradients; returns the gradient norm."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        """Writes this rank's part of the model and optimizer states under `folder` (collective)."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        """Restores the states `save` wrote (collective)."""
+        raise NotImplementedError
+
+
+def make_engine(plan: TrainPlan, model: nn.Module, device: torch.device) -> Engine:
+    if plan.backend == "deepspeed":
+        return DeepSpeedEngine(plan, model)
+    return TorchEngine(plan, model, device)
+
+
+class TorchEngine(Engine):
+    def __init__(self, plan: TrainPlan, model: nn.Module, device: torch.device):
+        self.plan, self.device = plan, device
+        if plan.precision == "fp16" and plan.backend == "fsdp2":
+            raise PlanError("recipe.training.precision fp16 with FSDP2 needs a sharded gradient scaler, which this "
+                            "runtime does not provide; use bf16", plan.path)
+        if plan.backend == "fsdp2":
+            _apply_fsdp2(plan, model, device)
+            self.model = model
+            self._autocast: Any = contextlib.nullcontext
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(model, device_ids=ids)
+            mixed = plan.precision != "fp32"
+            self._autocast = lambda: torch.autocast(device.type, dtype=compute_dtype(plan), enabled=mixed)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # DTensors after fully_shard
+        self.optimizer = build_optimizer(plan, param_groups(model, plan.weight_decay))
+        self.scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
+        self._options = StateDictOptions(ignore_frozen_params=plan.method != "full")
+
+    def micro_step(self, input_ids: torch.Tensor, last: bool) -> torch.Tensor:
+        if self.plan.backend == "fsdp2":
+            self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if last else self.model.no_sync()
+        with sync:
+            with self._autocast():
+                loss = self.model(input_ids=input_ids, labels=input_ids).loss
+            scaled = loss / self.plan.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach()
+
+    def optimizer_step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding this rank's partial norm
+            norm = norm.full_tensor()
+        if self.plan.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.trainable, self.plan.grad_clip, norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, folder: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(folder / DCP_DIR))
+
+    def load(self, folder: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(folder / DCP_DIR))  # in place: LoRA adapters are restored here
+        if self.plan.method == "full":
+            set_model_state_dict(self.model, state["model"], options=self._options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"], options=self._options)
+        if self.scaler:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint holds: model and optimizer states; for LoRA the adapters only (the frozen base is
+        rebuilt from the plan). The adapters are taken as parameters rather than through `model.state_dict()`,
+        which for a 4-bit base also serializes (and on the CPU may re-pack) bitsandbytes' quantization state."""
+        if self.plan.method == "full":
+            model_state = get_model_state_dict(self.model, options=self._options)
+        else:
+            model_state = {name.removeprefix("module."): p.detach()  # DDP's prefix; FSDP2 keeps the names
+                           for name, p in self.model.named_parameters() if p.requires_grad}
+        state = {"model": model_state,
+                 "optim": get_optimizer_state_dict(self.model, self.optimizer, options=self._options)}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+
+def _apply_fsdp2(plan: TrainPlan, model: nn.Module, device: torch.device) -> None:
+    """fully_shard each decoder layer, then the root (which takes the embedding, final norm and head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    s = plan.fsdp
+    # A 1-D mesh shards over every rank (fsdp2-full); a 2-D ("replicate", "shard") mesh is HSDP (fsdp2-hybrid):
+    # replicated across nodes, sharded within one.
+    mesh = init_device_mesh(device.type, s.mesh, mesh_dim_names=s.mesh_dims)
+    options = {
+        "mesh": mesh,
+        "reshard_after_forward": s.reshard_after_forward,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=DTYPES[s.param_dtype], reduce_dtype=DTYPES[s.reduce_dtype]),
+        # Pinned host memory needs an accelerator; on the CPU device the offload is a no-op placement anyway.
+        "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if s.cpu_offload else OffloadPolicy(),
+    }
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, plan: TrainPlan, model: nn.Module):
+        import deepspeed
+
+        self.plan = plan
+        optimizer = build_optimizer(plan, param_groups(model, plan.weight_decay))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.deepspeed,
+                                               dist_init_required=False)
+        self.model = self.engine
+        self._frozen_excluded = plan.method != "full"
+
+    def micro_step(self, input_ids: torch.Tensor, last: bool) -> torch.Tensor:
+        loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+        self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
+        if not last:
+            self.engine.step()  # DeepSpeed counts micro-steps; it steps the optimizer only at the boundary
+        return loss.detach()
+
+    def optimizer_step(self, lr: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()  # clips to the config's gradient_clipping, steps, zeroes the gradients
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_DIR, client_state={}, save_latest=False,
+                                    exclude_frozen_parameters=self._frozen_excluded)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_DIR, load_lr_scheduler_states=False,
+                                              load_module_strict=not self._frozen_excluded)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {folder / DEEPSPEED_DIR}")
+
+
+def init_deepspeed_distributed(timeout: timedelta) -> None:
+    """Hands the already initialized process group to DeepSpeed. On the CPU accelerator DeepSpeed would
+    JIT-compile a shared-memory collective op (needs a compiler, ~30 s); gloo serves instead."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=timeout, dist_init_required=False)

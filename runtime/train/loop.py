@@ -1,0 +1,195 @@
+"""The training run: resume if a checkpoint exists, step to `cost.steps`, checkpoint, measure, export.
+
+Order of a run: check the latest checkpoint's plan hash and the launch's world size (before any collective,
+so every rank fails alike) → build the model → wrap it in the plan's backend → restore states → train → final
+checkpoint → measured peak memory next to the plan's estimate → export (rank 0, from the final checkpoint).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from runtime import memory_probe
+from runtime.checkpoint import (
+    check_plan,
+    clear_leftovers,
+    latest_checkpoint,
+    load_trainer_state,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    trainer_state_path,
+)
+from runtime.data import DistributedResumableSampler, PackedDataset
+
+from .config import PlanError, TrainPlan
+from .distributed import Distributed, init_distributed, shutdown_distributed
+from .engines import Engine, init_deepspeed_distributed, make_engine
+from .metrics import MetricsLog, mfu
+from .model import build_model
+from .optim import lr_at
+
+__all__ = ["train"]
+
+_MIB = 1024**2
+
+
+def train(plan: TrainPlan) -> None:
+    """Runs (or resumes) the plan's training on this rank; rank 0 exports at the end when the plan says so."""
+    resume_from = latest_checkpoint(plan.checkpoint_dir)
+    if resume_from is not None:  # checked by every rank before any collective, so all fail alike
+        check_plan(resume_from, plan.plan_sha256, plan.path)
+    d = init_distributed(plan)
+    log = MetricsLog(plan.metrics_path, d.is_main)
+    try:
+        final = _run(plan, d, log, resume_from)
+        if d.is_main and plan.export_hf:
+            from runtime.export import export_model
+
+            target = export_model(plan, final)
+            log.record("export", path=str(target), checkpoint=str(final))
+            log.say(f"exported {final.name} to {target}")
+        log.record("end")
+    finally:
+        log.close()
+        shutdown_distributed()
+
+
+def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume_from: Path | None) -> Path:
+    """Trains from the checkpoint (or step 0) to `cost.steps`; returns the final checkpoint's folder."""
+    dataset = PackedDataset(plan.prepared_dir, split="train")
+    sampler = _sampler(plan, d, dataset)
+    if plan.backend == "deepspeed":
+        init_deepspeed_distributed(d.timeout)
+    model = build_model(plan, d.device)
+    params = _param_counts(model)
+    engine = make_engine(plan, model, d.device)
+    del model
+    if d.is_main:
+        clear_leftovers(plan.checkpoint_dir)
+    step = 0 if resume_from is None else _restore(engine, sampler, resume_from, d.rank)
+    log.record("start", step=step, steps=plan.steps, resumed_from=str(resume_from) if resume_from else None,
+               plan_sha256=plan.plan_sha256, strategy=plan.strategy, world_size=d.world_size, **params)
+    log.say(f"{plan.strategy} on {d.world_size} × {d.device.type}: {plan.steps} steps of "
+            f"{plan.global_batch_sequences * plan.seq_len:,} tokens"
+            + (f", resuming after step {step} from {resume_from}" if resume_from else ""))
+    final = resume_from
+    batches = _batches(dataset, sampler)
+    tokens_per_step = plan.global_batch_sequences * plan.seq_len
+    mark, steps_since_log = time.perf_counter(), 0
+    while step < plan.steps:
+        loss, grad_norm, lr = _step(plan, d, engine, batches, step)
+        step, steps_since_log = step + 1, steps_since_log + 1
+        if step % plan.log_every_steps == 0 or step == plan.steps:
+            seconds = time.perf_counter() - mark
+            tokens_per_second = steps_since_log * tokens_per_step / seconds
+            log.step(step, plan.steps, loss=_mean_over_ranks(loss, d), lr=lr, grad_norm=grad_norm,
+                     tokens=step * tokens_per_step, tokens_per_second=tokens_per_second,
+                     step_seconds=seconds / steps_since_log,
+                     mfu=mfu(tokens_per_second, plan.flops_per_token, d.world_size, plan.device_peak_flops),
+                     peak_memory_bytes=_max_over_ranks(memory_probe.peak_bytes(plan.memory_counter), d))
+            mark, steps_since_log = time.perf_counter(), 0
+        if step % plan.checkpoint_every_steps == 0 or step == plan.steps:
+            final = _save(plan, d, engine, sampler, step)
+            log.record("checkpoint", step=step, path=str(final))
+            mark = time.perf_counter()  # checkpoint time is not training throughput
+    _log_memory(plan, d, log)
+    del engine
+    gc.collect()
+    return final
+
+
+def _sampler(plan: TrainPlan, d: Distributed, dataset: PackedDataset) -> DistributedResumableSampler:
+    if dataset.seq_len != plan.seq_len:
+        raise PlanError(f"prepared data in {plan.prepared_dir} has seq_len {dataset.seq_len}, the plan's batch.seq_len "
+                        f"is {plan.seq_len}; prepare again with this plan", plan.path)
+    per_step = d.world_size * plan.micro_batch
+    if len(dataset) < per_step:
+        raise PlanError(f"prepared data in {plan.prepared_dir} has {len(dataset)} training sequences, fewer than one "
+                        f"micro-step takes (world_size {d.world_size} × micro_batch {plan.micro_batch} = {per_step})",
+                        plan.path)
+    return DistributedResumableSampler(len(dataset), d.rank, d.world_size, plan.seed, plan.micro_batch)
+
+
+def _restore(engine: Engine, sampler: DistributedResumableSampler, folder: Path, rank: int) -> int:
+    """Loads model, optimizer, sampler and RNG states; returns the step the checkpoint was taken after."""
+    engine.load(folder)
+    state = load_trainer_state(folder, rank)
+    sampler.load_state_dict(state["sampler"])
+    restore_rng_state(state["rng"])  # last: building and loading may draw random numbers
+    return state["step"]
+
+
+def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[torch.Tensor],
+          step: int) -> tuple[torch.Tensor, float, float]:
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate)."""
+    loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+    for micro in range(plan.grad_accum):
+        input_ids = next(batches).to(d.device, non_blocking=True)
+        loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1).float()
+    lr = lr_at(plan, step)
+    return loss_sum / plan.grad_accum, engine.optimizer_step(lr), lr
+
+
+def _param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters as built (before sharding): trainable, total (4-bit weights count as their packed storage
+    elements), and how many Linear layers are 4-bit."""
+    counts = {"trainable_params": 0, "params": 0}
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 placeholders are empty
+        counts["params"] += n
+        counts["trainable_params"] += n if param.requires_grad else 0
+    counts["quantized_linears"] = sum(  # bitsandbytes' own class; peft's wrapper shares its name
+        type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    return counts
+
+
+def _batches(dataset: PackedDataset, sampler: DistributedResumableSampler) -> Iterator[torch.Tensor]:
+    """This rank's micro-batches, epoch after epoch; drawn one at a time so the sampler state stays exact."""
+    while True:
+        for indices in sampler:
+            yield dataset.batch(indices)
+
+
+def _save(plan: TrainPlan, d: Distributed, engine: Engine, sampler: DistributedResumableSampler, step: int) -> Path:
+    trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
+
+    def write(folder: Path) -> None:
+        engine.save(folder)
+        path = trainer_state_path(folder, d.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(trainer_state, path)
+
+    meta = {"plan_sha256": plan.plan_sha256, "world_size": d.world_size, "backend": plan.backend,
+            "strategy": plan.strategy, "method": plan.method}
+    return save_checkpoint(plan.checkpoint_dir, step, meta, write, plan.keep_last)
+
+
+def _log_memory(plan: TrainPlan, d: Distributed, log: MetricsLog) -> None:
+    """The plan's counter, measured over the whole run on every rank, next to `memory.per_gpu_bytes.total`."""
+    per_rank = [0] * d.world_size
+    dist.all_gather_object(per_rank, memory_probe.peak_bytes(plan.memory_counter))
+    measured, estimated = max(per_rank), plan.memory_total_bytes
+    log.record("memory", counter=plan.memory_counter, measured_bytes=measured, per_rank_bytes=per_rank,
+               estimated_bytes=estimated, ratio=measured / estimated, strategy=plan.strategy,
+               world_size=d.world_size)
+    log.say(f"peak memory ({plan.memory_counter}, max over ranks): measured {measured / _MIB:,.0f} MiB, "
+            f"plan estimate {estimated / _MIB:,.0f} MiB, measured/estimate {measured / estimated:.2f}")
+
+
+def _mean_over_ranks(value: torch.Tensor, d: Distributed) -> float:
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return float(total) / d.world_size
+
+
+def _max_over_ranks(value: int, d: Distributed) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor)

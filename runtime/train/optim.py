@@ -1,0 +1,57 @@
+"""AdamW (torch, or bitsandbytes 8-bit) over two parameter groups, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainPlan
+
+__all__ = ["build_optimizer", "lr_at", "param_groups", "warmup_steps"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable matrices decay; vectors (norms, biases) do not. ZeRO-3 placeholders report `ds_shape`."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            shape = getattr(param, "ds_shape", param.shape)
+            (decay if len(shape) >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(plan: TrainPlan, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW as the plan names it. Where DeepSpeed offloads optimizer states to the CPU it steps them there with
+    its own DeepSpeedCPUAdam (a C++ op built on first use), which the plan's `zero_force_ds_cpu_optimizer` asks for."""
+    settings = {"lr": plan.lr, "betas": (plan.adam_beta1, plan.adam_beta2), "eps": plan.adam_eps}
+    if plan.deepspeed is not None and plan.deepspeed.get("zero_force_ds_cpu_optimizer"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
+    if plan.optimizer == "adamw-8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, **settings)
+    return torch.optim.AdamW(groups, **settings)
+
+
+def warmup_steps(plan: TrainPlan) -> int:
+    return round(plan.warmup_fraction * plan.steps)
+
+
+def lr_at(plan: TrainPlan, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over `warmup_steps`, then
+    cosine or linear decay to `lr · min_lr_ratio` at the last step, or constant."""
+    warmup = warmup_steps(plan)
+    if step < warmup:
+        return plan.lr * (step + 1) / warmup
+    if plan.schedule == "constant":
+        return plan.lr
+    floor = plan.lr * plan.min_lr_ratio
+    progress = (step - warmup) / max(1, plan.steps - 1 - warmup)
+    if plan.schedule == "linear":
+        return plan.lr - (plan.lr - floor) * progress
+    return floor + (plan.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
