@@ -33,8 +33,6 @@ CUDA_FRAGMENTATION = 0.10
 # 11% (tests/test_e2e_launch.py holds the runs to 15%). Tensors this size are served by glibc's mmap path
 # and unmapped on free, so the high-water mark sees live tensors; no fragmentation factor is added on CPU.
 CPU_PROCESS_BASELINE_BYTES = 560 * 1024**2
-# DDP gradient bucket (torch DistributedDataParallel bucket_cap_mb default 25 MiB), two in flight.
-DDP_BUCKET_BYTES = 2 * 25 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -249,8 +247,8 @@ def _comm_buffer_bytes(w: Workload) -> tuple[int, str]:
     if s.backend == "ddp":
         # Mixed precision through autocast keeps a compute-dtype copy of every weight for backward.
         cast = w.params.total * c if c < 4 and w.method == "full" else 0
-        buckets = DDP_BUCKET_BYTES if w.world_size > 1 else 0  # one process trains without a DDP wrapper
-        return buckets + cast, "2 × 25 MiB DDP buckets" + (" + N·c autocast weight copies" if cast else "")
+        # The runtime sets gradient_as_bucket_view: DDP's buckets are the gradients, no second copy.
+        return cast, "DDP buckets are views of the gradients" + (" + N·c autocast weight copies" if cast else "")
     if s.backend == "fsdp2":
         # fully_shard per decoder layer: the running layer and the prefetched next are unsharded in
         # param dtype; the root group (embedding, head, final norm) stays gathered through the step;

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -55,22 +58,85 @@ def _check_trained(out: Path, plan: dict) -> None:
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2-full", "zero2", "zero3"])
-def test_rendered_launch_sh_trains_exports_and_fits_the_memory_estimate(tmp_path, strategy):
-    out = tmp_path / "run"
-    evaluate = strategy == "fsdp2-full"  # the evaluation step once is enough
-    plan = _render(out, f"strategy={strategy}", *(() if evaluate else ("eval.benchmarks=[]",)))
-    result = subprocess.run(["bash", str(out / "launch.sh")], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+def _launch_env() -> dict[str, str]:
+    with socket.socket() as s:  # a fresh rendezvous port per launch: a killed run's may linger
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**os.environ, "MASTER_PORT": str(port)}
+
+
+def _launch(out: Path) -> str:
+    result = subprocess.run(["bash", str(out / "launch.sh")], cwd=out.parent, capture_output=True, text=True,
+                            timeout=600, env=_launch_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"{strategy} on 2 × cpu: 12 steps of 1,024 tokens" in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in _events(out, "step")}  # a step run twice: the later counts
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The tiny example as shipped (FSDP2, with its evaluation step), run once through launch.sh."""
+    out = tmp_path_factory.mktemp("fsdp2") / "run"
+    plan = _render(out)
+    return out, plan, _launch(out)
+
+
+def test_rendered_launch_sh_trains_exports_evaluates_and_fits_the_memory_estimate(fsdp2_run, tmp_path):
+    out, plan, log = fsdp2_run
+    assert plan["strategy"]["name"] == "fsdp2-full"
+    assert "fsdp2-full on 2 × cpu: 12 steps of 1,024 tokens" in log
     _check_trained(out, plan)
-    if evaluate:
-        results = json.loads((out / "eval" / "results.json").read_text())
-        assert (out / "eval" / "comparison.md").exists() and (out / "eval" / "comparison.png").exists()
-        assert set(results["models"]) == {"model", "compare_to"}
-        assert results["models"]["model"]["path"] == str(out / "export")
-        assert results["models"]["compare_to"]["path"] == str(out / "eval" / "base-model")
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert (out / "eval" / "comparison.md").exists() and (out / "eval" / "comparison.png").exists()
+    assert set(results["models"]) == {"model", "compare_to"}
+    assert results["models"]["model"]["path"] == str(out / "export")
+    assert results["models"]["compare_to"]["path"] == str(out / "eval" / "base-model")
+    # The same comparison through the CLI, on any two model directories.
+    fixture = REPO / "tests" / "fixtures" / "benchmarks" / "seceval.json"
+    result = CliRunner().invoke(main, ["eval", "--model", str(out / "export"), "--compare-to",
+                                       str(out / "eval" / "base-model"), "--benchmark", f"seceval={fixture}",
+                                       "--k-shot", "1", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["comparison.md", "comparison.png",
+                                                                       "results.json"]
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_rendered_launch_sh_runs_deepspeed_and_fits_the_memory_estimate(tmp_path, strategy):
+    out = tmp_path / "run"
+    plan = _render(out, f"strategy={strategy}", "eval.benchmarks=[]")
+    assert f"{strategy} on 2 × cpu: 12 steps of 1,024 tokens" in _launch(out)
+    _check_trained(out, plan)
+
+
+def test_kill_9_then_relaunching_launch_sh_resumes_with_identical_losses(fsdp2_run, tmp_path):
+    reference, _, _ = fsdp2_run
+    out = tmp_path / "run"
+    _render(out, "eval.benchmarks=[]", "checkpoint.export_hf=false")
+    step_4 = out / "checkpoints" / "step-4" / "meta.json"
+    with open(tmp_path / "killed.log", "w") as log:
+        launch = subprocess.Popen(["bash", str(out / "launch.sh")], cwd=tmp_path, stdout=log, stderr=log,
+                                  start_new_session=True, env=_launch_env())
+        try:
+            deadline = time.monotonic() + 300
+            while not step_4.exists():
+                assert launch.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no step-4 checkpoint within 300 s"
+                time.sleep(0.05)
+        finally:
+            os.killpg(launch.pid, signal.SIGKILL)  # bash, torchrun and both ranks, mid-step
+            launch.wait()
+    assert max(_losses(out)) < 12, "the run finished before it was killed"
+    _launch(out)
+    start = _events(out, "start")[-1]
+    assert start["step"] >= 4 and Path(start["resumed_from"]).name == f"step-{start['step']}"
+    expected, resumed = _losses(reference), _losses(out)
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(start["step"] + 1, 13):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), (step, resumed[step], expected[step])
 
 
 def test_tiny_example_runs_as_a_slurm_job_on_two_nodes(tmp_path, slurm_cluster):

@@ -30,7 +30,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import PlanError, TrainPlan
-from .model import DTYPES, compute_dtype, decoder_layers
+from .model import (
+    DTYPES,
+    PENDING_LOAD,
+    RankZeroWeights,
+    compute_dtype,
+    decoder_layers,
+    non_persistent_buffers,
+)
 from .optim import build_optimizer, param_groups
 
 __all__ = ["DCP_DIR", "DEEPSPEED_DIR", "DeepSpeedEngine", "Engine", "TorchEngine", "make_engine"]
@@ -82,7 +89,8 @@ class TorchEngine(Engine):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(model, device_ids=ids)
+            # The buckets are views of the gradients: no second copy of them (dapc.memory assumes this).
+            self.model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
             mixed = plan.precision != "fp32"
             self._autocast = lambda: torch.autocast(device.type, dtype=compute_dtype(plan), enabled=mixed)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # DTensors after fully_shard
@@ -153,7 +161,12 @@ class TorchEngine(Engine):
 def _apply_fsdp2(plan: TrainPlan, model: nn.Module, device: torch.device) -> None:
     """fully_shard each decoder layer, then the root (which takes the embedding, final norm and head)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     s = plan.fsdp
     # A 1-D mesh shards over every rank (fsdp2-full); a 2-D ("replicate", "shard") mesh is HSDP (fsdp2-hybrid):
@@ -169,6 +182,26 @@ def _apply_fsdp2(plan: TrainPlan, model: nn.Module, device: torch.device) -> Non
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
+    pending = model.__dict__.pop(PENDING_LOAD, None)
+    if pending is not None:
+        _load_from_rank0(model, pending, torch.device("cpu") if s.cpu_offload else device)
+
+
+def _load_from_rank0(model: nn.Module, weights: RankZeroWeights, device: torch.device) -> None:
+    """Materializes a meta-built, sharded model on `device` and fills it with rank 0's weights: each tensor is
+    broadcast from rank 0 and every rank keeps its shard; non-persistent buffers are broadcast whole."""
+    model.to_empty(device=device)
+    set_model_state_dict(model, weights.state,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    rank = dist.get_rank()
+    for name, buffer in non_persistent_buffers(model).items():  # same modules, same order on every rank
+        if rank == 0:
+            buffer.copy_(weights.buffers[name])
+        dist.broadcast(buffer, src=0)
+    weights.state.clear()
+    weights.buffers.clear()
+    if rank == 0:
+        print(f"loaded weights on rank 0, broadcast to {dist.get_world_size()} ranks", file=sys.stderr, flush=True)
 
 
 class DeepSpeedEngine(Engine):

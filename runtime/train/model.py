@@ -5,6 +5,13 @@ configured precision and keeps its own fp32 master). The frozen base of LoRA/QLo
 `recipe.model.dtype`; under FSDP2 it is loaded in the FSDP param dtype so that one all-gather dtype serves
 the layer. QLoRA stores its 4-bit weights in that same dtype (`bnb_4bit_quant_storage`) so that
 `fully_shard` can shard them like any other parameter.
+
+Pretrained weights under FSDP2 (full and LoRA): only global rank 0 reads the checkpoint, into a full CPU
+copy (with the LoRA adapters, seeded as always); every rank builds the model to train on the meta device.
+The engine shards it, materializes it with `to_empty` and loads rank 0's state dict through
+`set_model_state_dict(..., broadcast_from_rank0=True)`; non-persistent buffers (rotary `inv_freq`), which no
+state dict holds, are broadcast from rank 0's copy. QLoRA still loads the whole checkpoint on every rank
+(bitsandbytes quantizes while loading).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ from torch import nn
 
 from .config import TrainPlan
 
-__all__ = ["DTYPES", "base_model", "build_model", "compute_dtype", "decoder_layers", "hf_config"]
+__all__ = ["DTYPES", "PENDING_LOAD", "RankZeroWeights", "base_model", "build_model", "compute_dtype",
+           "decoder_layers", "hf_config", "loads_from_rank0", "non_persistent_buffers"]
+
+PENDING_LOAD = "_dapc_rank0_weights"  # attribute on a meta-built model: the weights the engine still loads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,8 +50,13 @@ def hf_config(plan: TrainPlan) -> Any:
 def build_model(plan: TrainPlan, device: torch.device) -> nn.Module:
     """The model to train, on `device`, before any parallel wrapping. Seeded by `recipe.training.seed`."""
     torch.manual_seed(plan.seed)
+    pending = None
     if plan.method == "qlora":
         model = _quantized_base(plan, device)
+    elif loads_from_rank0(plan):
+        dtype = torch.float32 if plan.method == "full" else _base_dtype(plan)
+        pending = _rank0_weights(plan, dtype)
+        model = _meta_base(plan, dtype)
     else:
         dtype = torch.float32 if plan.method == "full" else _base_dtype(plan)
         with _zero3_init(plan):
@@ -59,6 +74,8 @@ def build_model(plan: TrainPlan, device: torch.device) -> nn.Module:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.method in ("lora", "qlora"):
         model = _with_lora(plan, model)
+    if pending is not None:
+        model.__dict__[PENDING_LOAD] = pending  # plain attribute: no nn.Module registration, no peft forwarding
     # from_pretrained returns eval mode: no dropout, and bitsandbytes would switch its 4-bit weights to an
     # inference-only CPU layout (absmax rounded to bf16) on the first forward without gradients.
     return model.train()
@@ -94,6 +111,54 @@ def _base(plan: TrainPlan, dtype: torch.dtype) -> nn.Module:
     if plan.model_init == "random":
         return AutoModelForCausalLM.from_config(hf_config(plan), dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(plan.model_source, dtype=dtype)
+
+
+def loads_from_rank0(plan: TrainPlan) -> bool:
+    """Pretrained FSDP2 full/LoRA: the model is built on the meta device and gets rank 0's weights after
+    sharding (see the module docstring). QLoRA, DDP, DeepSpeed and random init build it as before."""
+    return plan.backend == "fsdp2" and plan.model_init == "pretrained" and plan.method in ("full", "lora")
+
+
+class RankZeroWeights:
+    """What rank 0 read (the full state dict and the non-persistent buffers, on the CPU); empty elsewhere."""
+
+    def __init__(self, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
+        self.state, self.buffers = state, buffers
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    found = {}
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                found[f"{prefix}.{name}" if prefix else name] = buffer
+    return found
+
+
+def _rank0_weights(plan: TrainPlan, dtype: torch.dtype) -> RankZeroWeights:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return RankZeroWeights({}, {})
+    with torch.random.fork_rng(devices=[]):  # the RNG stream stays the same on every rank
+        reference = _base(plan, dtype)
+        if plan.method == "lora":
+            reference = _with_lora(plan, reference)  # the adapters' seeded init travels with the base
+    weights = RankZeroWeights(reference.state_dict(), {k: v.detach().clone() for k, v in
+                                                       non_persistent_buffers(reference).items()})
+    del reference
+    return weights
+
+
+def _meta_base(plan: TrainPlan, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(plan.model_source)  # the checkpoint's own config: same structure
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied embeddings share one (meta) parameter, so they stay tied through to_empty
+    return model
 
 
 def _is_zero3(plan: TrainPlan) -> bool:
