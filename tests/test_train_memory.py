@@ -1,9 +1,9 @@
 """The measured peak (the plan's `memory.counter`, `cpu.vm_hwm` here) next to the plan's estimate.
 
-One run per strategy of the tiny example, training only (no export). The trainer logs a `memory` record with
-the whole run's peak VmHWM per rank; this test checks that record against the plan and prints the ratio
-(`pytest -s` shows the table). The memory model is calibrated elsewhere; the loose bound here only catches a
-counter read in the wrong unit or never read. About 1.5 minutes.
+The trainer logs a `memory` record with the whole run's peak VmHWM per rank; this test checks that record
+against the plan, for the one-process DDP run (FSDP2, ZeRO-2 and ZeRO-3 on two processes are checked the same
+way, through the rendered launch.sh, in tests/test_e2e_launch.py). Like there, measured and estimated must
+agree within 15%; `pytest -s` prints the ratio.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from tests.test_train_support import compile_plan, prepared_dir, read_plan, reco
 MIB = 1024**2
 
 
-@pytest.mark.parametrize(
-    ("strategy", "nproc"),
-    [("ddp", 1), ("fsdp2-full", 2), ("zero2", 2), ("zero3", 2)],
-)
+@pytest.mark.parametrize(("strategy", "nproc"), [("ddp", 1)])
 def test_measured_peak_memory_is_logged_next_to_the_plan_estimate(strategy: str, nproc: int, prepared_dir: Path,
                                                                   tmp_path: Path):
     overrides = [f"strategy={strategy}", "checkpoint.export_hf=false"]
@@ -39,7 +36,7 @@ def test_measured_peak_memory_is_logged_next_to_the_plan_estimate(strategy: str,
     assert memory["ratio"] == pytest.approx(memory["measured_bytes"] / estimated)
     step_peaks = [r["peak_memory_bytes"] for r in records(plan_path, "step")]
     assert step_peaks == sorted(step_peaks) and step_peaks[-1] <= memory["measured_bytes"]  # a high-water mark
-    assert 0.5 < memory["ratio"] < 2.0, memory
+    assert abs(memory["ratio"] - 1) <= 0.15, memory
     measured = memory["measured_bytes"]
     print(f"\n{strategy:>10} × {nproc}: measured {measured:,} B ({measured / MIB:,.0f} MiB), "
           f"estimated {estimated:,} B ({estimated / MIB:,.0f} MiB), ratio {memory['ratio']:.3f}")
