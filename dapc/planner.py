@@ -256,7 +256,9 @@ def suggest(spec: Spec, closest: Candidate) -> list[str]:
         cands = [evaluate(spec, strategy, 1, True, **changes)]
         return cands[0] if cands[0].fits else None
 
-    for nodes in (n for n in range(hw.nodes + 1, 4097) if n == hw.nodes + 1 or n % 2 == 0):
+    # The load peak does not shrink with more GPUs, offload or shorter sequences: only another method helps.
+    load_bound = closest.load_peak_bytes + closest.headroom_bytes > closest.capacity_bytes
+    for nodes in (n for n in range(hw.nodes + 1, 1 if load_bound else 4097) if n == hw.nodes + 1 or n % 2 == 0):
         world = nodes * hw.gpus_per_node
         found = next((c for s in sharded if (c := fits_with(s, world_size=world, nodes=nodes))), None)
         if found:
@@ -268,13 +270,14 @@ def suggest(spec: Spec, closest: Candidate) -> list[str]:
         if qlora:
             out.append(f"method: qlora (NF4 base, LoRA r={spec.recipe.method.lora.r}): fsdp2-full needs "
                        f"{qlora.total_bytes / GIB:.1f} GiB per GPU on {spec.world_size} GPUs")
-    for name in ("zero3-offload-cpu", "zero3-offload-cpu-full", "fsdp2-offload-cpu", "zero3-offload-nvme"):
+    for name in () if load_bound else ("zero3-offload-cpu", "zero3-offload-cpu-full", "fsdp2-offload-cpu",
+                                       "zero3-offload-nvme"):
         offload = evaluate(spec, STRATEGIES[name], 1, True)
         if offload.fits:
             out.append(f"strategy: {name}: {offload.total_bytes / GIB:.1f} GiB per GPU, "
                        f"{offload.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node")
             break
-    seq_len = spec.recipe.data.seq_len // 2
+    seq_len = 0 if load_bound else spec.recipe.data.seq_len // 2
     while seq_len >= 256:
         short = next((c for s in sharded if (c := fits_with(s, seq_len=seq_len))), None)
         if short:
