@@ -44,4 +44,4 @@ def _merge(base: dict, changes: dict) -> dict:
     return merged
 
 
-pytest_plugins = ["tests.slurm_cluster"]
+pytest_plugins = ["tests.slurm_cluster", "tests.train_support"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture)
+from tests.slurm_cluster import SlurmCluster
 
 
 def _script(path: Path, body: str) -> Path:

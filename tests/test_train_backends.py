@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from runtime.checkpoint import complete_checkpoints
-from tests.test_train_support import (  # noqa: F401  (prepared_dir is a fixture)
+from tests.train_support import (
     compile_plan,
     generate_from_export,
     losses,
-    prepared_dir,
     read_plan,
     records,
     train,

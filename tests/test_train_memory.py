@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime.memory_probe import vm_hwm_bytes
-from tests.test_train_support import compile_plan, prepared_dir, read_plan, records, train  # noqa: F401
+from tests.train_support import compile_plan, read_plan, records, train
 
 MIB = 1024**2
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.test_train_support import compile_plan, losses, prepared_dir, train  # noqa: F401  (fixture)
+from tests.train_support import compile_plan, losses, train
 
 CATALOG_CONFIG = REPO / "dapc" / "models" / "catalog" / "dapc--tiny-llama.json"
 

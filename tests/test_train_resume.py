@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from tests.conftest import REPO
-from tests.test_train_support import (  # noqa: F401  (prepared_dir is a fixture)
+from tests.train_support import (
     compile_plan,
-    prepared_dir,
     read_plan,
     run_env,
     train,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_support import compile_plan, losses, prepared_dir, read_plan, records, train  # noqa: F401
+from tests.train_support import compile_plan, losses, read_plan, records, train
 
 NO_EXPORT = "checkpoint.export_hf=false"
 

@@ -6,7 +6,7 @@ Validators here only check; derived values (tokens, steps, micro-batch, strategy
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
