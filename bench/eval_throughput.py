@@ -10,44 +10,22 @@ Reads CTI-MCQ from ../shared/data/benchmarks when it is there, else the test fix
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runtime.evaluate import BENCHMARKS, HFModel, score_loglik  # noqa: E402
 from runtime.evaluate.common import loglik_context  # noqa: E402
-from runtime.tokenizer import resolve_tokenizer_dir  # noqa: E402
+from tests.test_eval_tiny_model import build_tiny_llama  # noqa: E402  (the same model the tests score)
 
 REAL = REPO.parent / "shared" / "data" / "benchmarks" / "cti-mcq" / "cti-mcq.tsv"
 FIXTURE = REPO / "tests" / "fixtures" / "benchmarks" / "cti-mcq.tsv"
-
-
-def build_tiny_llama(directory: Path) -> Path:
-    """A random-init 2-layer Llama (2.1M parameters) with the Mistral v1 tokenizer."""
-    # dapc's offline conversion of mistral-common's tokenizer.model.v1 (no protobuf needed).
-    for file in resolve_tokenizer_dir("mistral-common:v1").iterdir():
-        shutil.copy(file, directory / file.name)
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
 
 
 def naive_picks(model: HFModel, contexts: list[str], choices: tuple[str, ...]) -> list[str]:
@@ -70,7 +48,7 @@ def main() -> None:
     questions = benchmark.load(source)
     n = min(args.questions, len(questions))
     with tempfile.TemporaryDirectory() as tmp:
-        model = HFModel(build_tiny_llama(Path(tmp)), device=args.device)
+        model = HFModel(build_tiny_llama(Path(tmp) / "model", seed=0), device=args.device)
         print(f"model: tiny Llama, {sum(p.numel() for p in model.model.parameters()):,} parameters, {model.device}")
         print(f"questions: {n} from {source.name}, {args.k_shot}-shot, {len(benchmark.choices)} options each")
 
