@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dapc.errors import DapcError
+from runtime.durable import fsync_path
 
 __all__ = [
     "META_NAME",
@@ -124,11 +125,11 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         _write_json(partial / META_NAME, {**meta, "step": step, "format_version": FORMAT_VERSION})
-        _fsync_path(partial)
+        fsync_path(partial)
         if final.exists():  # a `step-N` without meta.json is not a checkpoint (see complete_checkpoints)
             _discard(final, root)
         os.rename(partial, final)
-        _fsync_path(root)
+        fsync_path(root)
         for _, old in complete_checkpoints(root)[:-keep_last]:
             _discard(old, root)
     _barrier()
@@ -173,7 +174,7 @@ def _discard(folder: Path, root: Path) -> None:
     trash = root / f".trash-{folder.name}"
     shutil.rmtree(trash, ignore_errors=True)
     os.rename(folder, trash)
-    _fsync_path(root)
+    fsync_path(root)
     shutil.rmtree(trash)
 
 
@@ -188,13 +189,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 def _fsync_tree(folder: Path) -> None:
     for directory, _, files in os.walk(folder):
         for name in files:
-            _fsync_path(Path(directory) / name)
-        _fsync_path(Path(directory))
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

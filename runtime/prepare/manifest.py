@@ -11,7 +11,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .shards import ShardInfo, fsync_dir
+from runtime.durable import fsync_path
+
+from .shards import ShardInfo
 from .sources import InputFile, PrepareError
 
 FORMAT_VERSION = 1
@@ -125,4 +127,4 @@ def write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)

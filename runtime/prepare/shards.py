@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.durable import fsync_path
+
 
 class ResumeMismatch(Exception):
     """The files on disk do not match the progress record; the caller starts over."""
@@ -36,14 +38,6 @@ class ShardInfo:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SplitWriter:
@@ -152,6 +146,6 @@ class SplitWriter:
             sha256=self._hash.hexdigest(),
         )
         os.replace(partial, self.directory / info.file)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
         self.committed.append(info)
         self._hash, self._partial_sequences = hashlib.sha256(), 0
