@@ -328,8 +328,9 @@ def host_per_node(w: Workload) -> Figure:
     if s.params_on == "cpu":
         offloaded += n_t * _trained_param_bytes(w) // w.nodes
         parts.append("N·c params / nodes")
-    return Figure(max(load, offloaded) if offloaded else load, " + ".join(parts) if not offloaded else
-                  f"max({parts[0]}, {' + '.join(parts[1:])})")
+    # Loading comes first and its copies are freed before the offloaded states exist.
+    formula = f"max({parts[0]}, {' + '.join(parts[1:])})" if offloaded else parts[0]
+    return Figure(max(load, offloaded), formula)
 
 
 def nvme_per_node(w: Workload) -> Figure:

@@ -53,7 +53,7 @@ def _paths(spec: Spec) -> dict[str, str]:
     out = Path(spec.recipe.output)
     return {
         "output_dir": str(out),
-        "prepared_dir": spec.recipe.data.prepared_dir or str(out / "data"),
+        "prepared_dir": spec.recipe.data.prepared_dir,  # resolve fills it in (default <output>/data)
         "checkpoint_dir": str(out / "checkpoints"),
         "export_dir": str(out / "export"),
         "metrics_path": str(out / "metrics.jsonl"),
