@@ -64,7 +64,6 @@ def main() -> int:
 
 def _plan(folder: Path, corpus: str, steps: int) -> Path:
     from dapc.compile import compile_recipe
-    from dapc.plan import plan_json_text
 
     overrides = (
         f"data.paths={json.dumps([corpus])}", f"data.prepared_dir={folder.parent / 'data'}",
@@ -74,7 +73,7 @@ def _plan(folder: Path, corpus: str, steps: int) -> Path:
     plan = compile_recipe(TINY_RECIPE, overrides=overrides, output=str(folder / "run")).plan
     folder.mkdir(parents=True)
     path = folder / "plan.json"
-    path.write_text(plan_json_text(plan))
+    path.write_text(plan.text())
     return path
 
 

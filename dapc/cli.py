@@ -28,6 +28,11 @@ class _Group(click.Group):
             sys.exit(e.exit_code)
 
 
+def _warn(warnings) -> None:
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+
+
 def _stdout():
     from rich.console import Console
 
@@ -50,6 +55,7 @@ def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     from dapc.resolve import resolve
 
     spec = resolve(load_recipe(recipe, overrides))
+    _warn(spec.warnings)
     facts = {"valid": True, "name": spec.recipe.name, "model": spec.arch.name, "params": spec.params.total,
              "world_size": spec.world_size, "corpus_files": spec.corpus_files, "corpus_bytes": spec.corpus_bytes}
     if as_json:
@@ -69,6 +75,7 @@ def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
     from dapc.plan import plan_json_text
 
     compiled = compile_recipe(recipe, overrides)
+    _warn(compiled.plan.warnings)
     if as_json:
         click.echo(plan_json_text(compiled.plan), nl=False)
     else:
@@ -92,9 +99,10 @@ def render(recipe: Path, output: Path | None, overrides: tuple[str, ...], allow_
     from dapc.render import render_artifacts, write_artifacts
 
     compiled = compile_recipe(recipe, overrides, output=str(output.resolve()) if output else None)
-    out_dir = Path(compiled.plan["paths"]["output_dir"])
+    _warn(compiled.plan.warnings)
+    out_dir = Path(compiled.plan.paths.output_dir)
     if not compiled.decision.fits and not allow_unfit:
-        click.echo(f"error: plan does not fit ({compiled.plan['memory']['misfit']}); nothing written. "
+        click.echo(f"error: plan does not fit ({compiled.plan.memory.misfit}); nothing written. "
                    "`dapc plan` shows what would fit; --allow-unfit writes anyway.", err=True)
         sys.exit(EXIT_UNFIT)
     written = write_artifacts(render_artifacts(compiled.plan, out_dir), out_dir)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dapc.errors import RecipeError
 from dapc.plan import build_plan
+from dapc.plan_schema import Plan
 from dapc.planner import Decision, PlanInputError, plan
 from dapc.recipe import LoadedRecipe, load_recipe
 from dapc.resolve import Spec, resolve
@@ -20,7 +20,7 @@ class Compiled:
     loaded: LoadedRecipe
     spec: Spec
     decision: Decision
-    plan: dict[str, Any]
+    plan: Plan
 
 
 def compile_recipe(path: str | Path, overrides: tuple[str, ...] = (), output: str | None = None) -> Compiled:

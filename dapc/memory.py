@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
+from dapc.dtypes import DTYPE_BYTES
+from dapc.loading import Loading, decide_loading
 from dapc.models import Architecture, ParamCounts, decoder_linear_shapes
 from dapc.strategies import Strategy, shard_degree
 
@@ -68,7 +70,20 @@ class Workload:
     nf4_double_quant: bool
     on_cpu: bool
     model_init: str = "pretrained"  # pretrained | random: how the runtime builds the base
+    model_dtype: str = "bf16"  # recipe model.dtype
+    weights_dtype: str = "fp32"  # recipe training.weights_dtype: fp32 master, or pure bf16
     zero_fp32_grad_partition: bool = True
+
+    @property
+    def loading(self) -> Loading:
+        """How the runtime loads this model (the decision plan.json records)."""
+        return decide_loading(self.method, self.strategy, self.model_init, self.precision, self.model_dtype,
+                              self.weights_dtype)
+
+    @property
+    def base_bytes(self) -> int:
+        """Bytes per element of the frozen base as the runtime stores it."""
+        return DTYPE_BYTES[self.loading.base_dtype]
 
     @property
     def compute_bytes(self) -> int:
@@ -104,18 +119,19 @@ def gathered_param_bytes(w: Workload) -> int:
     """Returns bytes of the whole parameter set as collectives move it: compute dtype, NF4 where quantized."""
     if w.method == "qlora":
         quantized = quantized_params(w.params)
-        return nf4_bytes(quantized, w.nf4_double_quant) + (w.params.total - quantized) * w.compute_bytes
-    return w.params.total * w.compute_bytes
+        return nf4_bytes(quantized, w.nf4_double_quant) + (w.params.total - quantized) * w.base_bytes
+    return w.params.total * (w.compute_bytes if w.method == "full" else w.base_bytes)
 
 
 def _uses_master_copy(w: Workload) -> bool:
     # DeepSpeed keeps low-precision trainable params and an fp32 master copy in the optimizer (ZeRO
-    # paper §3: 2Ψ + 2Ψ + KΨ with K = 12); FSDP2 and DDP keep fp32 params, so the master is the weight.
-    return w.strategy.backend == "deepspeed" and w.precision != "fp32"
+    # paper §3: 2Ψ + 2Ψ + KΨ with K = 12); FSDP2 and DDP keep the trained params themselves as the
+    # master (fp32, or bf16 under pure bf16 training, where no fp32 copy exists at all).
+    return w.strategy.backend == "deepspeed" and w.loading.trained_dtype != "fp32"
 
 
 def _trained_param_bytes(w: Workload) -> int:
-    return w.compute_bytes if _uses_master_copy(w) else 4
+    return DTYPE_BYTES[w.loading.trained_dtype]
 
 
 def _on_gpu(place: str) -> bool:
@@ -131,13 +147,13 @@ def weights(w: Workload) -> Figure:
     trained_formula = f"N_t·{_trained_param_bytes(w)}"
     if w.method == "qlora":
         nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
-        rest = (w.params.total - quantized_params(w.params)) * w.compute_bytes
+        rest = (w.params.total - quantized_params(w.params)) * w.base_bytes
         base, base_formula = nf4 + rest, (
             f"N_linear·(4 + {NF4_CONSTANT_BITS_DOUBLE_QUANT if w.nf4_double_quant else 0.5:.3f} bits) NF4 "
-            f"+ (N - N_linear)·{w.compute_bytes} [QLoRA §3]"
+            f"+ (N - N_linear)·{w.base_bytes} [QLoRA §3]"
         )
     elif w.method == "lora":
-        base, base_formula = w.params.total * w.compute_bytes, f"N·{w.compute_bytes} frozen"
+        base, base_formula = w.params.total * w.base_bytes, f"N·{w.base_bytes} frozen ({w.loading.base_dtype})"
     else:
         base, base_formula = 0, ""
     total = (base + trained) // d
@@ -159,7 +175,8 @@ def gradients(w: Workload) -> Figure:
         return Figure(0, "gradients are moved to the offload device each step (see buffers)")
     n_t, d = w.trainable_params, w.shard if w.strategy.grads_sharded else 1
     if not _uses_master_copy(w):
-        return Figure(n_t * 4 // d, f"N_t·4 / D={d} (fp32 gradients of fp32 parameters)")
+        t, name = _trained_param_bytes(w), w.loading.trained_dtype
+        return Figure(n_t * t // d, f"N_t·{t} / D={d} ({name} gradients of {name} parameters)")
     c = w.compute_bytes
     if not w.zero_fp32_grad_partition:
         return Figure(n_t * c // d, f"N_t·{c} / D={d} [ZeRO paper §3: 16-bit gradients]")
@@ -171,8 +188,11 @@ def gradients(w: Workload) -> Figure:
 
 
 def _optimizer_bytes_per_param(w: Workload) -> tuple[float, str]:
-    states = ADAM8BIT_BYTES_PER_PARAM if w.optimizer == "adamw-8bit" else 8.0
-    states_text = "2.03 (8-bit m, v + block absmax)" if w.optimizer == "adamw-8bit" else "8 (fp32 m, v)"
+    # torch AdamW keeps m and v in the parameter's dtype (`zeros_like(param)`): fp32, or bf16 when pure bf16.
+    moment = 2 * _trained_param_bytes(w) if not _uses_master_copy(w) else 8
+    states = ADAM8BIT_BYTES_PER_PARAM if w.optimizer == "adamw-8bit" else float(moment)
+    states_text = ("2.03 (8-bit m, v + block absmax)" if w.optimizer == "adamw-8bit"
+                   else f"{moment} ({'fp32' if moment == 8 else 'bf16'} m, v)")
     if _uses_master_copy(w):
         return states + 4, f"4 (fp32 master) + {states_text}"
     return states, states_text
@@ -275,43 +295,71 @@ def buffers(w: Workload, transient_bytes: int) -> Figure:
     `transient_bytes` is activations + logits: the allocations whose churn fragments memory.
     """
     comm, comm_formula = _comm_buffer_bytes(w)
-    scratch, scratch_formula = 0, ""
-    if w.method == "qlora":
-        # One Linear dequantized to the compute dtype at a time (bitsandbytes matmul_4bit).
-        largest_linear = max(i * o for i, o in decoder_linear_shapes(w.arch).values())
-        scratch, scratch_formula = largest_linear * w.compute_bytes, " + largest Linear dequantized"
-    if w.on_cpu:
-        deepspeed = w.strategy.backend == "deepspeed"
-        overhead = CPU_PROCESS_BASELINE_BYTES + (CPU_DEEPSPEED_EXTRA_BYTES if deepspeed else 0)
-        over_formula = f" + {overhead // 1024**2} MiB process baseline{' with DeepSpeed' if deepspeed else ''} (measured)"
-    else:
-        overhead = int(CUDA_FRAGMENTATION * (transient_bytes + comm))
-        over_formula = f" + {CUDA_FRAGMENTATION}·(transient + comm) fragmentation"
+    # QLoRA: one Linear dequantized to the compute dtype at a time (bitsandbytes matmul_4bit).
+    scratch = _qlora_scratch(w)
+    scratch_formula = " + largest Linear dequantized" if scratch else ""
+    overhead, over_formula = _overhead(w, transient_bytes + comm + scratch)
     return Figure(comm + scratch + overhead, comm_formula + scratch_formula + over_formula)
 
 
-def load_peak(w: Workload) -> Figure:
-    """Returns bytes on each device while the model loads, before sharding: nonzero where the runtime
-    materializes more than the steady state holds.
+def allocator_reserve(w: Workload, transient_bytes: int) -> int:
+    """Returns the part of `buffers` that the caching allocator reserves beyond what tensors occupy: what
+    `cuda.max_memory_reserved` counts and `cuda.max_memory_allocated` does not (0 on the CPU)."""
+    if w.on_cpu:
+        return 0
+    comm, _ = _comm_buffer_bytes(w)
+    return _overhead(w, transient_bytes + comm + _qlora_scratch(w))[0]
 
-    QLoRA: bitsandbytes quantizes while loading, onto the device (runtime/train/model.py loads with
-    `device_map` = this rank's device), so each device holds the whole NF4 base before `fully_shard`
-    splits it. Full training and LoRA under FSDP2 build on the meta device and receive their shards from
-    rank 0; DDP and ZeRO-1/2 hold the whole model in steady state anyway; ZeRO-3 partitions at creation.
+
+def _qlora_scratch(w: Workload) -> int:
+    if w.method != "qlora":
+        return 0
+    return max(i * o for i, o in decoder_linear_shapes(w.arch).values()) * w.compute_bytes
+
+
+def _overhead(w: Workload, churn_bytes: int) -> tuple[int, str]:
+    if w.on_cpu:
+        deepspeed = w.strategy.backend == "deepspeed"
+        overhead = CPU_PROCESS_BASELINE_BYTES + (CPU_DEEPSPEED_EXTRA_BYTES if deepspeed else 0)
+        return overhead, f" + {overhead // 1024**2} MiB process baseline{' with DeepSpeed' if deepspeed else ''} (measured)"
+    return int(CUDA_FRAGMENTATION * churn_bytes), f" + {CUDA_FRAGMENTATION}·(transient + comm) fragmentation"
+
+
+def largest_tensor_params(arch: Architecture) -> int:
+    """Returns the elements of the model's largest single tensor: the embedding (or head) or the largest Linear."""
+    return max([arch.vocab_size * arch.hidden_size] + [i * o for i, o in decoder_linear_shapes(arch).values()])
+
+
+def load_peak(w: Workload) -> Figure:
+    """Returns bytes on each device while the model loads: nonzero where loading holds more than the
+    steady state's weights do (plan.json `loading.mode` says how the runtime loads).
+
+    - `meta-sharded-quantize` (QLoRA under FSDP2, the torchtune way): the model is built on the meta device
+      and sharded first; then each tensor is read from the checkpoint, quantized on the device and cut to this
+      rank's shard, so the peak is the rank's shard plus one whole tensor in the base dtype and its NF4 copy.
+    - `every-rank` QLoRA: bitsandbytes quantizes the whole base onto each device before any sharding.
+    - Otherwise the model is whole on each rank only where the steady state holds it whole anyway (DDP,
+      ZeRO-1/2), or arrives sharded (rank-0 broadcast, ZeRO-3 partitioning at creation).
     """
     if w.method != "qlora":
         return Figure(0, "no more than the steady state")
-    return Figure(gathered_param_bytes(w), "whole NF4 base on each device before sharding (QLoRA loader)")
+    if w.loading.mode == "meta-sharded-quantize":
+        one = largest_tensor_params(w.arch)
+        transient = one * w.base_bytes + nf4_bytes(one, w.nf4_double_quant)
+        return Figure(weights(w).bytes + transient,
+                      "weights shard + largest tensor in the base dtype + its NF4 copy (meta-sharded loader)")
+    return Figure(gathered_param_bytes(w), "whole NF4 base on each device before sharding (every-rank loader)")
 
 
 def _host_load(w: Workload) -> tuple[int, str]:
     ranks, n = min(w.gpus_per_node, w.world_size), w.params.total
-    full = 4 if w.method == "full" else w.compute_bytes
-    if w.method == "qlora" or w.strategy.zero_stage == 3 and w.strategy.backend == "deepspeed":
+    full = 4 if w.method == "full" else w.base_bytes
+    mode = w.loading.mode
+    if w.method == "qlora" or mode == "zero3-init":
         # Streams from mmap'd safetensors to the device (QLoRA) or partitions at creation (ZeRO-3):
         # at most the file pages, shared through the page cache.
-        return n * w.compute_bytes, "N·c checkpoint pages"
-    if w.strategy.backend == "fsdp2" and w.model_init == "pretrained":
+        return n * w.base_bytes, "N·c checkpoint pages"
+    if mode == "rank0-broadcast":
         return n * full, f"N·{full} on rank 0, which loads and broadcasts the shards"
     return ranks * n * full, f"{ranks} ranks × N·{full}: each rank builds the whole model before wrapping"
 

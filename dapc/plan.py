@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,21 +9,11 @@ from typing import Any
 from dapc import __version__
 from dapc.cost import flops_per_token, run_cost
 from dapc.memory import GIB
+from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of
 from dapc.planner import COMPONENTS, Candidate, Decision
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
 
-SCHEMA_VERSION = 1
-
-
-def canonical_json(value: Any) -> str:
-    """Returns `value` as canonical JSON: sorted keys, no whitespace (what the hashes cover)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def sha256_of(value: Any) -> str:
-    """Returns the hex sha256 of `value`'s canonical JSON."""
-    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
 
 
 def _rounded(value: float) -> float:
@@ -44,6 +32,7 @@ def _memory(c: Candidate) -> dict[str, Any]:
         "fits": c.fits,
         "misfit": c.misfit,
         "load_peak_bytes": c.load_peak_bytes,
+        "allocator_reserve_bytes": c.allocator_reserve_bytes,
         "cpu_per_node_bytes": c.cpu_per_node_bytes,
         "nvme_per_node_bytes": c.nvme_per_node_bytes,
     }
@@ -61,20 +50,20 @@ def _paths(spec: Spec) -> dict[str, str]:
     }
 
 
-def build_plan(spec: Spec, decision: Decision) -> dict[str, Any]:
-    """Returns plan.json's content (a dict) for a spec and the planner's decision."""
+def build_plan(spec: Spec, decision: Decision) -> Plan:
+    """Returns the typed plan for a spec and the planner's decision, hashed."""
     c, r = decision.chosen, spec.recipe
-    recipe = r.model_dump(mode="json")
     hw = r.hardware
     cost_step = c.step
     run = run_cost(decision.steps, cost_step.step_seconds, spec.world_size, hw.usd_per_gpu_hour,
                    spec.device.tdp_watts, hw.pue)
     arch = asdict(spec.arch)
     arch.pop("config_path")  # where it was read is provenance, not architecture
+    t = r.training
     body: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "recipe": recipe,
-        "recipe_sha256": sha256_of(recipe),
+        "recipe": r,
+        "recipe_sha256": sha256_of(r.model_dump(mode="json")),
         "model": {
             "name": spec.arch.name,
             "params": {
@@ -116,6 +105,8 @@ def build_plan(spec: Spec, decision: Decision) -> dict[str, Any]:
             for a in decision.alternatives
         ],
         "suggestions": decision.suggestions,
+        "warnings": list(spec.warnings),
+        "fewest_gpus": None if decision.fewest_gpus is None else asdict(decision.fewest_gpus),
         "cost": {
             "tokens": decision.tokens,
             "tokens_exact": decision.tokens_exact,
@@ -141,20 +132,32 @@ def build_plan(spec: Spec, decision: Decision) -> dict[str, Any]:
             "intra_node_gbps": spec.device.intra_node_gbps, "is_cpu": spec.device.is_cpu, "source": spec.device.source,
         },
         "paths": _paths(spec),
+        "corpus": {
+            "format": r.data.format,
+            "files": [{"path": f.path, "bytes": f.bytes} for f in spec.corpus],
+            "total_bytes": spec.corpus_bytes,
+        },
+        "loading": {"mode": c.loading.mode, "base_dtype": c.loading.base_dtype,
+                    "trained_dtype": c.loading.trained_dtype, "reason": c.loading.reason},
+        "schedule": {
+            "kind": t.schedule, "peak_lr": t.lr, "min_lr": t.lr * (t.min_lr_ratio if t.schedule != "constant" else 1),
+            "warmup_steps": round(t.warmup_fraction * run.steps), "total_steps": run.steps,
+        },
         "runtime": {
             "backend": c.strategy.backend,
             "fsdp": fsdp_section(spec, c),
             "deepspeed": deepspeed_config(spec, c),
         },
+        "provenance": {"dapc_version": __version__, "model_config_path": spec.arch.config_path},
+        "plan_sha256": "",
     }
-    body["plan_sha256"] = sha256_of(body)
-    body["provenance"] = {"dapc_version": __version__, "model_config_path": spec.arch.config_path}
-    return body
+    unhashed = Plan.model_validate(body)
+    return unhashed.model_copy(update={"plan_sha256": sha256_of(unhashed.body())})
 
 
-def plan_json_text(plan: dict[str, Any]) -> str:
-    """Returns plan.json's text: sorted keys, two-space indent, trailing newline."""
-    return json.dumps(plan, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+def plan_json_text(plan: Plan) -> str:
+    """Returns plan.json's text: sorted keys, two-space indent, strict JSON, trailing newline."""
+    return plan.text()
 
 
 def gib(n_bytes: int) -> str:

@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 from math import ceil
 
 from dapc import cost, memory
+from dapc.compat import refusal
 from dapc.errors import DapcError
+from dapc.loading import Loading
 from dapc.memory import GIB, Workload
 from dapc.models import lora_trainable_params
 from dapc.resolve import Spec
@@ -44,6 +46,8 @@ class Candidate:
     cpu_ram_bytes: int
     nvme_bytes: int
     step: cost.StepTime
+    loading: Loading
+    allocator_reserve_bytes: int
 
     @property
     def total_bytes(self) -> int:
@@ -57,8 +61,8 @@ class Candidate:
             return (f"needs {self.total_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
                     f"> {self.capacity_bytes / GIB:.1f} GiB")
         if self.load_peak_bytes + self.headroom_bytes > self.capacity_bytes:
-            return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB per GPU before sharding "
-                    f"> {self.capacity_bytes / GIB:.1f} GiB (the QLoRA loader quantizes the whole base on each GPU)")
+            return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
+                    f"> {self.capacity_bytes / GIB:.1f} GiB")
         if self.cpu_per_node_bytes > self.cpu_ram_bytes:
             return (f"needs {self.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node "
                     f"> {self.cpu_ram_bytes / GIB:.0f} GiB (hardware.cpu_ram_gib)")
@@ -87,6 +91,16 @@ class Alternative:
 
 
 @dataclass(frozen=True)
+class FewestGpus:
+    """The smallest GPU count (of this GPU type) on which a sharded strategy fits at micro-batch 1."""
+
+    gpus: int
+    strategy: str
+    activation_checkpointing: bool
+    total_bytes: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """The planner's answer: the chosen candidate (possibly not fitting), alternatives, and remedies."""
 
@@ -98,6 +112,7 @@ class Decision:
     steps: int
     tokens: int
     tokens_exact: bool
+    fewest_gpus: "FewestGpus | None" = None
 
     @property
     def fits(self) -> bool:
@@ -114,6 +129,7 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: b
         micro_batch=micro_batch, seq_len=r.data.seq_len, activation_checkpointing=checkpointing,
         lora_dropout=r.method.lora.dropout, lora_targets=tuple(r.method.lora.target_modules),
         nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu, model_init=r.model.init,
+        model_dtype=r.model.dtype, weights_dtype=r.training.weights_dtype,
     )
     return replace(workload, **changes) if changes else workload
 
@@ -144,7 +160,8 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
         figures=figures, load_peak_bytes=memory.load_peak(w).bytes, cpu_per_node_bytes=memory.host_per_node(w).bytes,
         nvme_per_node_bytes=memory.nvme_per_node(w).bytes, capacity_bytes=capacity,
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
-        nvme_bytes=int(hw.nvme_gib * GIB), step=step,
+        nvme_bytes=int(hw.nvme_gib * GIB), step=step, loading=w.loading,
+        allocator_reserve_bytes=memory.allocator_reserve(w, acts.bytes + logit.bytes),
     )
 
 
@@ -203,6 +220,9 @@ def plan(spec: Spec) -> Decision:
     t = spec.recipe.training
     forced = spec.recipe.strategy != "auto"
     strategies = [STRATEGIES[spec.recipe.strategy]] if forced else [STRATEGIES[n] for n in PREFERENCE_ORDER]
+    if forced and (refused := refusal(spec.recipe, strategies[0])):
+        raise PlanInputError(f"{refused.reason} (strategy {spec.recipe.strategy})", refused.key_path)
+    strategies = [s for s in strategies if refusal(spec.recipe, s) is None]
     checkpointing = [False, True] if t.activation_checkpointing == "auto" else [t.activation_checkpointing]
     micro_batches = micro_batch_choices(per_rank) if t.micro_batch == "auto" else [t.micro_batch]
     per_strategy: dict[str, list[Candidate]] = {}
@@ -225,6 +245,7 @@ def plan(spec: Spec) -> Decision:
         steps = min(steps, t.max_steps)
     suggestions = [] if chosen.fits else suggest(spec, chosen)
     return Decision(
+        fewest_gpus=fewest_gpus(spec),
         chosen=chosen,
         strategy_forced=forced,
         reason=_reason(chosen, forced, len(per_strategy), sum(c.fits for c in best_of.values())),
@@ -234,6 +255,42 @@ def plan(spec: Spec) -> Decision:
         tokens=tokens,
         tokens_exact=exact,
     )
+
+
+MAX_GPUS = 65536
+
+
+def fewest_gpus(spec: Spec) -> FewestGpus | None:
+    """Returns the fewest GPUs of the recipe's type on which the method fits at micro-batch 1 (the recipe's
+    activation checkpointing, or on when `auto`), under the recipe's pinned strategy if it shards, else the
+    sharded strategies: what a team rents at the least. None when nothing up to MAX_GPUS fits.
+
+    Per-GPU memory of a sharded strategy only falls as GPUs are added, so doubling then bisecting finds it."""
+    pinned = spec.recipe.strategy
+    names = [pinned] if pinned != "auto" and STRATEGIES[pinned].params_sharded else [
+        n for n in ("fsdp2-full", "zero3") if refusal(spec.recipe, STRATEGIES[n]) is None]
+    ckpt = spec.recipe.training.activation_checkpointing
+    ckpt = True if ckpt == "auto" else ckpt
+    gpn = spec.recipe.hardware.gpus_per_node
+
+    def best(world: int) -> Candidate | None:
+        nodes, per_node = -(-world // gpn), min(world, gpn)
+        cands = [evaluate(spec, STRATEGIES[n], 1, ckpt, world_size=world, nodes=nodes, gpus_per_node=per_node)
+                 for n in names]
+        fitting = [c for c in cands if c.fits]
+        return min(fitting, key=lambda c: c.total_bytes) if fitting else None
+
+    high = 1
+    while best(high) is None:
+        if high >= MAX_GPUS:
+            return None
+        high = min(2 * high, MAX_GPUS)
+    low = high // 2  # does not fit (or 0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if best(middle) else (middle, high)
+    found = best(high)
+    return FewestGpus(high, found.strategy.name, found.activation_checkpointing, found.total_bytes)
 
 
 def _reason(chosen: Candidate, forced: bool, considered: int, fitting: int) -> str:

@@ -14,7 +14,8 @@ import jinja2
 
 from dapc import __version__
 from dapc.errors import DapcError
-from dapc.plan import gib, plan_json_text
+from dapc.plan import gib
+from dapc.plan_schema import Plan
 from dapc.resources import data_dir
 
 # Slurm reads `#SBATCH` values without a shell, so a path there cannot be quoted: allow only these.
@@ -45,84 +46,84 @@ def _sbatch_safe(value: str, what: str) -> str:
     return value
 
 
-def template_context(plan: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def template_context(plan: Plan, out_dir: Path) -> dict[str, Any]:
     """Returns the values the templates interpolate, each taken once from the plan."""
-    r, batch, mem, c = plan["recipe"], plan["batch"], plan["memory"], plan["cost"]
-    launch, slurm = r["launch"], r["launch"]["slurm"]
-    has_gpu = not plan["device"]["is_cpu"]
-    output_dir = plan["paths"]["output_dir"]
-    nodes, gpus = batch["nodes"], batch["gpus_per_node"]
+    r, batch, mem, c = plan.recipe, plan.batch, plan.memory, plan.cost
+    launch, slurm = r.launch, r.launch.slurm
+    has_gpu = not plan.device.is_cpu
+    output_dir = plan.paths.output_dir
+    nodes, gpus = batch.nodes, batch.gpus_per_node
     slurm_output = _sbatch_safe(f"{output_dir}/slurm-%j.out", "output directory")
-    python = launch["python"]
-    wait = (f'until [ -f {shlex.quote(plan["paths"]["prepared_dir"] + "/manifest.json")} ]; do sleep 10; done')
+    python = launch.python
+    wait = f'until [ -f {shlex.quote(plan.paths.prepared_dir + "/manifest.json")} ]; do sleep 10; done'
     train = f'{shlex.quote(python)} -m torch.distributed.run -m runtime.train --plan "$DAPC_PLAN"'
     prepare = f'{shlex.quote(python)} -m runtime.prepare --plan "$DAPC_PLAN"'
     roles = [("Master", 1, f"{prepare} && {train}")] + ([("Worker", nodes - 1, f"{wait} && {train}")] if nodes > 1 else [])
     return {
         "version": __version__,
-        "name": r["name"],
-        "k8s_name": _k8s_name(r["name"]),
-        "recipe_sha256": plan["recipe_sha256"],
-        "plan_sha256": plan["plan_sha256"],
+        "name": r.name,
+        "k8s_name": _k8s_name(r.name),
+        "recipe_sha256": plan.recipe_sha256,
+        "plan_sha256": plan.plan_sha256,
         "python": python,
-        "rdzv_port": launch["rdzv_port"],
-        "env": sorted(launch["env"].items()),
+        "rdzv_port": launch.rdzv_port,
+        "env": sorted(launch.env.items()),
         "nodes": nodes,
         "gpus_per_node": gpus,
         "gpus_per_node_directive": has_gpu,
         "gpu_resource": has_gpu,
-        "cpus_per_task": slurm["cpus_per_task"] or 8 * gpus,
-        "time": slurm["time"],
-        "partition": slurm["partition"],
-        "account": slurm["account"],
-        "extra_directives": [_sbatch_safe(d, "extra directive") for d in slurm["extra_directives"]],
+        "cpus_per_task": slurm.cpus_per_task or 8 * gpus,
+        "time": slurm.time,
+        "partition": slurm.partition,
+        "account": slurm.account,
+        "extra_directives": [_sbatch_safe(d, "extra directive") for d in slurm.extra_directives],
         "slurm_output": slurm_output,
         "plan_path": str(out_dir / "plan.json"),
-        "has_eval": bool(r["eval"]["benchmarks"]),
-        "has_ds_config": plan["runtime"]["deepspeed"] is not None,
-        "namespace": launch["namespace"],
-        "image": launch["container_image"] or "nvcr.io/nvidia/pytorch:25.01-py3",
+        "has_eval": bool(r.eval.benchmarks),
+        "has_ds_config": plan.runtime.deepspeed is not None,
+        "namespace": launch.namespace,
+        "image": launch.container_image or "nvcr.io/nvidia/pytorch:25.01-py3",
         "roles": roles,
         "output_dir": output_dir,
-        "plan_text": plan_json_text(plan),
-        "model": plan["model"]["name"],
-        "total_params": f"{plan['model']['params']['total']:,}",
-        "trainable_params": f"{plan['method']['trainable_params']:,}",
-        "method": plan["method"]["name"],
-        "device": plan["device"]["name"],
-        "strategy": plan["strategy"]["name"],
-        "reason": plan["strategy"]["reason"],
-        "micro_batch": batch["micro_batch"],
-        "grad_accum": batch["grad_accum"],
-        "world_size": batch["world_size"],
-        "global_batch_sequences": batch["global_batch_sequences"],
-        "seq_len": batch["seq_len"],
-        "activation_checkpointing": "on" if plan["activation_checkpointing"] else "off",
-        "total_gib": gib(mem["per_gpu_bytes"]["total"]),
-        "capacity_gib": gib(mem["device_capacity_bytes"]),
-        "counter": mem["counter"],
-        "steps": f"{c['steps']:,}",
-        "tokens": f"{c['tokens']:,}",
-        "wall_hours": f"{c['wall_seconds'] / 3600:.2f}",
-        "gpu_hours": f"{c['gpu_hours']:.1f}",
-        "usd": f"{c['usd']:,.0f}",
-        "kwh": f"{c['kwh']:,.0f}",
+        "plan_text": plan.text(),
+        "model": plan.model.name,
+        "total_params": f"{plan.model.params.total:,}",
+        "trainable_params": f"{plan.method.trainable_params:,}",
+        "method": plan.method.name,
+        "device": plan.device.name,
+        "strategy": plan.strategy.name,
+        "reason": plan.strategy.reason,
+        "micro_batch": batch.micro_batch,
+        "grad_accum": batch.grad_accum,
+        "world_size": batch.world_size,
+        "global_batch_sequences": batch.global_batch_sequences,
+        "seq_len": batch.seq_len,
+        "activation_checkpointing": "on" if plan.activation_checkpointing else "off",
+        "total_gib": gib(mem.per_gpu_bytes.total),
+        "capacity_gib": gib(mem.device_capacity_bytes),
+        "counter": mem.counter,
+        "steps": f"{c.steps:,}",
+        "tokens": f"{c.tokens:,}",
+        "wall_hours": f"{c.wall_seconds / 3600:.2f}",
+        "gpu_hours": f"{c.gpu_hours:.1f}",
+        "usd": f"{c.usd:,.0f}",
+        "kwh": f"{c.kwh:,.0f}",
     }
 
 
-def render_artifacts(plan: dict[str, Any], out_dir: Path) -> dict[str, str]:
+def render_artifacts(plan: Plan, out_dir: Path) -> dict[str, str]:
     """Returns the artifacts' file names and texts for `plan`, to be written into `out_dir`."""
     env = _environment()
     ctx = template_context(plan, out_dir)
     files = {
-        "plan.json": plan_json_text(plan),
+        "plan.json": plan.text(),
         "launch.sh": env.get_template("launch.sh.j2").render(ctx),
         "job.sbatch": env.get_template("job.sbatch.j2").render(ctx),
         "README.md": env.get_template("README.md.j2").render(ctx),
     }
     files["pytorchjob.yaml"] = env.get_template("pytorchjob.yaml.j2").render(ctx)
-    if plan["runtime"]["deepspeed"] is not None:
-        files["ds_config.json"] = json.dumps(plan["runtime"]["deepspeed"], sort_keys=True, indent=2) + "\n"
+    if plan.runtime.deepspeed is not None:
+        files["ds_config.json"] = json.dumps(plan.runtime.deepspeed, sort_keys=True, indent=2, allow_nan=False) + "\n"
     return files
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
 from dapc.memory import GIB
+from dapc.plan_schema import Plan
 from dapc.planner import COMPONENTS
 
 
@@ -16,63 +15,78 @@ def _gib(n_bytes: int) -> str:
     return f"{n_bytes / GIB:,.2f}"
 
 
-def memory_table(plan: dict[str, Any]) -> Table:
+def memory_table(plan: Plan) -> Table:
     """Returns the per-GPU memory table: GiB and formula per component, then total, headroom, capacity."""
-    mem = plan["memory"]
-    table = Table(title=f"Memory per GPU ({escape(mem['counter'])})", title_justify="left")
+    mem = plan.memory
+    table = Table(title=f"Memory per GPU ({escape(mem.counter)})", title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("formula", overflow="fold")
     for name in COMPONENTS:
-        table.add_row(name, _gib(mem["per_gpu_bytes"][name]), escape(mem["formulas"][name]))
-    table.add_row("[bold]total[/bold]", f"[bold]{_gib(mem['per_gpu_bytes']['total'])}[/bold]", "")
-    table.add_row("headroom", _gib(mem["headroom_bytes"]), "hardware.headroom_fraction of capacity")
-    verdict = "[green]fits[/green]" if mem["fits"] else f"[red]does not fit[/red]: {escape(mem['misfit'])}"
-    table.add_row("capacity", _gib(mem["device_capacity_bytes"]), verdict)
-    table.add_row("CPU RAM / node", _gib(mem["cpu_per_node_bytes"]), "")
-    if mem["nvme_per_node_bytes"]:
-        table.add_row("NVMe / node", _gib(mem["nvme_per_node_bytes"]), "")
+        table.add_row(name, _gib(getattr(mem.per_gpu_bytes, name)), escape(getattr(mem.formulas, name)))
+    table.add_row("[bold]total[/bold]", f"[bold]{_gib(mem.per_gpu_bytes.total)}[/bold]", "")
+    table.add_row("headroom", _gib(mem.headroom_bytes), "hardware.headroom_fraction of capacity")
+    verdict = "[green]fits[/green]" if mem.fits else f"[red]does not fit[/red]: {escape(mem.misfit or '')}"
+    table.add_row("capacity", _gib(mem.device_capacity_bytes), verdict)
+    if mem.load_peak_bytes:
+        table.add_row("loading peak", _gib(mem.load_peak_bytes), escape(plan.loading.mode))
+    table.add_row("CPU RAM / node", _gib(mem.cpu_per_node_bytes), "")
+    if mem.nvme_per_node_bytes:
+        table.add_row("NVMe / node", _gib(mem.nvme_per_node_bytes), "")
     return table
 
 
-def alternatives_table(plan: dict[str, Any]) -> Table:
+def alternatives_table(plan: Plan) -> Table:
     """Returns the table of strategies not chosen, each with its best configuration and why it lost."""
     table = Table(title="Alternatives (best configuration of each strategy)", title_justify="left")
     for column in ("strategy", "micro", "ckpt", "GiB/GPU", "s/step", "lost because"):
         table.add_column(column, justify="right" if column in ("micro", "GiB/GPU", "s/step") else "left")
-    for alt in plan["alternatives"]:
-        table.add_row(alt["strategy"], str(alt["micro_batch"]), "on" if alt["activation_checkpointing"] else "off",
-                      _gib(alt["total_bytes"]), f"{alt['step_seconds']:.3g}", escape(alt["lost_because"]))
+    for alt in plan.alternatives:
+        table.add_row(alt.strategy, str(alt.micro_batch), "on" if alt.activation_checkpointing else "off",
+                      _gib(alt.total_bytes), f"{alt.step_seconds:.3g}", escape(alt.lost_because))
     return table
 
 
-def summary_lines(plan: dict[str, Any]) -> list[str]:
+def summary_lines(plan: Plan) -> list[str]:
     """Returns the plan's headline numbers, one derived number per line with its unit and origin."""
-    r, m, b, c, s = plan["recipe"], plan["model"], plan["batch"], plan["cost"], plan["strategy"]
-    tokens_origin = "recipe token budget" if c["tokens_exact"] else (
-        f"estimated: {c['corpus_bytes']:,} corpus bytes × {c['tokens_per_byte_assumed']} tokens/byte "
-        f"× {r['training']['epochs']} epochs")
+    r, m, b, c, s = plan.recipe, plan.model, plan.batch, plan.cost, plan.strategy
+    tokens_origin = "recipe token budget" if c.tokens_exact else (
+        f"estimated: {c.corpus_bytes:,} corpus bytes × {c.tokens_per_byte_assumed} tokens/byte "
+        f"× {r.training.epochs} epochs")
+    sched = plan.schedule
     return [
-        f"model: {escape(m['name'])}: {m['params']['total']:,} parameters "
-        f"({plan['method']['trainable_params']:,} trainable, method {plan['method']['name']})",
-        f"hardware: {b['nodes']} node(s) × {b['gpus_per_node']} {escape(plan['device']['name'])} = {b['world_size']} GPUs",
-        f"strategy: [bold]{s['name']}[/bold] ({'pinned' if s['forced'] else 'chosen'}): {escape(s['reason'])}",
-        f"batch: micro_batch {b['micro_batch']} × grad_accum {b['grad_accum']} × {b['world_size']} GPUs = "
-        f"{b['global_batch_sequences']:,} sequences × {b['seq_len']:,} tokens = {b['global_batch_tokens']:,} tokens/step",
-        f"activation checkpointing: {'on' if plan['activation_checkpointing'] else 'off'}",
-        f"tokens: {c['tokens']:,} ({tokens_origin})",
-        f"steps: {c['steps']:,} at {c['step_seconds']:.3g} s/step (compute {c['compute_seconds']:.3g} s at MFU "
-        f"{c['assumed_mfu']}, communication {c['comm_seconds']:.3g} s, offload {c['offload_seconds']:.3g} s)",
-        f"run: {c['wall_seconds'] / 3600:,.2f} h wall, {c['gpu_hours']:,.1f} GPU-hours, ${c['usd']:,.0f}, "
-        f"{c['kwh']:,.1f} kWh",
+        f"model: {escape(m.name)}: {m.params.total:,} parameters "
+        f"({plan.method.trainable_params:,} trainable, method {plan.method.name})",
+        f"hardware: {b.nodes} node(s) × {b.gpus_per_node} {escape(plan.device.name)} = {b.world_size} GPUs",
+        f"strategy: [bold]{s.name}[/bold] ({'pinned' if s.forced else 'chosen'}): {escape(s.reason)}",
+        f"batch: micro_batch {b.micro_batch} × grad_accum {b.grad_accum} × {b.world_size} GPUs = "
+        f"{b.global_batch_sequences:,} sequences × {b.seq_len:,} tokens = {b.global_batch_tokens:,} tokens/step",
+        f"activation checkpointing: {'on' if plan.activation_checkpointing else 'off'}",
+        _fewest_line(plan),
+        f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
+        f"tokens: {c.tokens:,} ({tokens_origin})",
+        f"steps: {c.steps:,} at {c.step_seconds:.3g} s/step (compute {c.compute_seconds:.3g} s at MFU "
+        f"{c.assumed_mfu}, communication {c.comm_seconds:.3g} s, offload {c.offload_seconds:.3g} s)",
+        f"schedule: {sched.kind}, warmup {sched.warmup_steps:,} steps to lr {sched.peak_lr:g}, "
+        f"{sched.min_lr:g} at step {sched.total_steps:,}",
+        f"run: {c.wall_seconds / 3600:,.2f} h wall, {c.gpu_hours:,.1f} GPU-hours, ${c.usd:,.0f}, "
+        f"{c.kwh:,.1f} kWh",
     ]
 
 
-def print_plan(plan: dict[str, Any], console: Console) -> None:
+def _fewest_line(plan: Plan) -> str:
+    few = plan.fewest_gpus
+    if few is None:
+        return f"fewest GPUs: none up to 65,536 {escape(plan.device.name)} fit this method at micro_batch 1"
+    return (f"fewest GPUs: {few.gpus:,} {escape(plan.device.name)} ({few.strategy}, micro_batch 1, activation "
+            f"checkpointing {'on' if few.activation_checkpointing else 'off'}: {few.total_bytes / GIB:.1f} GiB per GPU)")
+
+
+def print_plan(plan: Plan, console: Console) -> None:
     """Prints the whole plan report."""
     console.print("\n".join(summary_lines(plan)), highlight=False)
     console.print(memory_table(plan))
-    if plan["alternatives"]:
+    if plan.alternatives:
         console.print(alternatives_table(plan))
-    if plan["suggestions"]:
-        console.print(Group(*(f"[yellow]would fit:[/yellow] {escape(s)}" for s in plan["suggestions"])))
+    if plan.suggestions:
+        console.print(Group(*(f"[yellow]would fit:[/yellow] {escape(s)}" for s in plan.suggestions)))

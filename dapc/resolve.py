@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dapc.corpus import CorpusError, CorpusFile, resolve_corpus
 from dapc.errors import DapcError, RecipeError
 from dapc.hardware import Device, resolve_device
 from dapc.models import Architecture, ParamCounts, count_params, load_architecture, lora_trainable_params
@@ -28,10 +28,20 @@ class Spec:
     trainable_params: int
     device: Device
     world_size: int
-    corpus_files: int
-    corpus_bytes: int
+    corpus: tuple[CorpusFile, ...]
     global_batch_sequences: int
     global_batch_sequences_origin: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def corpus_bytes(self) -> int:
+        """Bytes of all corpus files."""
+        return sum(f.bytes for f in self.corpus)
+
+    @property
+    def corpus_files(self) -> int:
+        """How many corpus files."""
+        return len(self.corpus)
 
 
 def _relocate(error: DapcError, where: str) -> DapcError:
@@ -45,21 +55,12 @@ def _absolute(loaded: LoadedRecipe, text: str, *key_path: Any) -> str:
     return str(path if path.is_absolute() else (loaded.origin_dir(*key_path) / path).resolve())
 
 
-def expand_corpus(patterns: list[str], loaded: LoadedRecipe) -> list[Path]:
-    """Returns the corpus files the (absolute) `patterns` name: files, directories walked, globs expanded."""
-    files: list[Path] = []
-    for index, pattern in enumerate(patterns):
-        path = Path(pattern)
-        if path.is_file():
-            matches = [path]
-        elif path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        else:
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        if not matches:
-            raise RecipeError(f"corpus path {pattern} matches no file", loaded.locate("data", "paths", index))
-        files.extend(matches)
-    return files
+def _corpus(data_paths: list[str], fmt: str, loaded: LoadedRecipe) -> tuple[CorpusFile, ...]:
+    try:
+        return tuple(resolve_corpus(data_paths, fmt))
+    except CorpusError as e:
+        where = loaded.locate("data", "paths", e.entry_index) if e.entry_index is not None else loaded.locate("data")
+        raise RecipeError(e.message, where) from e
 
 
 def _global_batch_sequences(recipe: Recipe, loaded: LoadedRecipe, world_size: int) -> tuple[int, str]:
@@ -100,7 +101,7 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
     world_size = hw.nodes * hw.gpus_per_node
 
     data_paths = [_absolute(loaded, p, "data", "paths", i) for i, p in enumerate(recipe.data.paths)]
-    files = expand_corpus(data_paths, loaded)
+    corpus = _corpus(data_paths, recipe.data.format, loaded)
     tokenizer = recipe.data.tokenizer
     if tokenizer is None:
         tokenizer = str(source_path.resolve()) if source_path.exists() else source
@@ -130,12 +131,14 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
         trainable = params.total
     else:
         trainable = lora_trainable_params(arch, recipe.method.lora.r, list(recipe.method.lora.target_modules))
+    warnings = []
     if recipe.data.seq_len > arch.max_position_embeddings:
-        raise RecipeError(
-            f"seq_len {recipe.data.seq_len:,} exceeds the model's max_position_embeddings "
-            f"{arch.max_position_embeddings:,}",
-            loaded.locate("data", "seq_len"),
-        )
+        # People do train past it (RoPE scaling in the model config, or plainly longer): plan it, say so.
+        scaling = model_config.get("rope_scaling")
+        how = f"the config's rope_scaling {json.dumps(scaling, sort_keys=True)}" if scaling else "no rope_scaling in its config"
+        warnings.append(f"{loaded.locate('data', 'seq_len')}: seq_len {recipe.data.seq_len:,} exceeds the model's "
+                        f"max_position_embeddings {arch.max_position_embeddings:,} ({how}); quality past it is "
+                        "the recipe's responsibility")
     sequences, origin = _global_batch_sequences(recipe, loaded, world_size)
     return Spec(
         recipe=resolved,
@@ -145,8 +148,8 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
         trainable_params=trainable,
         device=device,
         world_size=world_size,
-        corpus_files=len(files),
-        corpus_bytes=sum(f.stat().st_size for f in files),
+        corpus=corpus,
         global_batch_sequences=sequences,
         global_batch_sequences_origin=origin,
+        warnings=tuple(warnings),
     )

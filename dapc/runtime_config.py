@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from dapc.dtypes import TORCH_DTYPE_NAMES
 from dapc.planner import Candidate
 from dapc.resolve import Spec
-
-_TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def fsdp_section(spec: Spec, chosen: Candidate) -> dict[str, Any] | None:
@@ -20,7 +19,7 @@ def fsdp_section(spec: Spec, chosen: Candidate) -> dict[str, Any] | None:
         "mesh": [spec.world_size // gpus, gpus] if s.hybrid else [spec.world_size],
         "mesh_dims": ["replicate", "shard"] if s.hybrid else ["shard"],
         "reshard_after_forward": True,
-        "param_dtype": _TORCH_DTYPE[spec.recipe.training.precision],
+        "param_dtype": TORCH_DTYPE_NAMES[spec.recipe.training.precision],
         "reduce_dtype": "float32",
         "cpu_offload": s.params_on == "cpu",
     }

@@ -106,7 +106,7 @@ def test_nf4_double_quant_constants_cost_0_127_bits_per_parameter():
 
 
 def test_405b_qlora_weights_agree_with_the_seed_arithmetic():
-    plan = compile_recipe("recipes/llama3.1-405b-qlora.yaml", ("hardware.nodes=2", "strategy=fsdp2-full")).plan
+    plan = compile_recipe("recipes/llama3.1-405b-qlora.yaml", ("hardware.nodes=2", "strategy=fsdp2-full")).plan.model_dump(mode="json")
     arch = load_architecture("meta-llama/Llama-3.1-405B")
     params = count_params(arch)
     # Seed: 405e9 × 0.5 B ≈ 202.5 GB of 4-bit weights.

@@ -217,36 +217,63 @@ def test_an_unfinished_preparation_of_other_settings_is_refused(tmp_path):
         _prepare([NIST], tmp_path)
 
 
-def test_prepare_from_plan_reads_the_recipe_data_and_training_seed(tmp_path):
-    data = {
-        "paths": [str(NIST)],
-        "format": "text",
-        "text_field": "text",
-        "tokenizer": TOKENIZER,
-        "seq_len": 128,
-        "validation_fraction": 0.1,
-        "prepared_dir": str(tmp_path / "plan"),
-    }
-    manifest = prepare_from_plan({"recipe": {"data": data, "training": {"seed": 7}}}, workers=1)
+def _tiny_plan(tmp_path: Path, *overrides: str):
+    from dapc.compile import compile_recipe
+
+    return compile_recipe(REPO / "examples" / "tiny" / "recipe.yaml", overrides, output=str(tmp_path / "run")).plan
+
+
+def test_prepare_from_plan_reads_the_plans_files_data_settings_and_seed(tmp_path):
+    plan = _tiny_plan(tmp_path, f"data.paths={json.dumps([str(NIST)])}", "training.seed=7",
+                      f"data.prepared_dir={tmp_path / 'plan'}")
+    manifest = prepare_from_plan(plan, workers=1)
+    assert [f.path for f in manifest.files] == [f.path for f in plan.corpus.files]
     assert _shard_hashes(tmp_path / "plan") == _shard_hashes(
-        Path(_prepare([NIST], tmp_path / "direct") and tmp_path / "direct")
+        Path(_prepare([NIST], tmp_path / "direct", seed=7, validation_fraction=0.1) and tmp_path / "direct")
     )
     assert manifest.seed == 7 and manifest.text_field is None
-    del data["seq_len"]
-    with pytest.raises(PrepareError, match=r"^plan.json: plan has no recipe.data.seq_len$"):
-        prepare_from_plan({"recipe": {"data": data, "training": {"seed": 7}}})
+
+
+def test_compiler_and_prepare_agree_on_the_corpus_files(tmp_path):
+    # What the plan counts (bytes, tokens, steps) is exactly what prepare reads: hidden folders, hidden
+    # files and suffixes outside the format are skipped by both, a file named like a glob is a file, and a
+    # folder listed twice counts once.
+    corpus = tmp_path / "corpus"
+    (corpus / ".cache").mkdir(parents=True)
+    (corpus / ".cache" / "hidden.txt").write_text("not corpus " * 50)
+    (corpus / "notes.log").write_text("not text format " * 50)
+    (corpus / ".hidden.txt").write_text("hidden " * 50)
+    (corpus / "a[1].txt").write_text("Zero trust assumes breach. " * 60)
+    (corpus / "b.md").write_text("Least privilege limits blast radius. " * 60)
+    paths = [str(corpus), str(corpus), str(corpus / "a[1].txt")]
+    plan = _tiny_plan(tmp_path, f"data.paths={json.dumps(paths)}", f"data.prepared_dir={tmp_path / 'out'}")
+    assert [Path(f.path).name for f in plan.corpus.files] == ["a[1].txt", "b.md"]
+    assert plan.cost.corpus_bytes == sum(f.bytes for f in plan.corpus.files) == plan.corpus.total_bytes
+    manifest = prepare_from_plan(plan, workers=1, progress=False)
+    assert [f.path for f in manifest.files] == [f.path for f in plan.corpus.files]
+
+
+def test_prepare_refuses_a_corpus_file_that_changed_since_the_plan(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Patch within the window. " * 40)
+    plan = _tiny_plan(tmp_path, f"data.paths={json.dumps([str(corpus)])}", f"data.prepared_dir={tmp_path / 'out'}")
+    (corpus / "a.txt").write_text("Patch within the window. " * 41)
+    with pytest.raises(PrepareError) as e:
+        prepare_from_plan(plan, workers=1, progress=False)
+    assert str(e.value) == (f"{corpus / 'a.txt'}: corpus file changed since the plan was made (1,000 bytes planned, "
+                            "1,025 now); compile the recipe again")
 
 
 def test_paths_that_match_no_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(
-        PrepareError, match=r"no text files match \(a directory contributes .txt, .md, .text, .rst\)"
-    ) as e:
+    with pytest.raises(PrepareError) as e:
         _prepare([tmp_path / "empty"], tmp_path / "o")
-    assert e.value.location == str(tmp_path / "empty")
-    with pytest.raises(PrepareError, match=r"^.*/\*\.jsonl: no jsonl files match"):
+    assert str(e.value) == (f"corpus folder {tmp_path / 'empty'} holds no text files (a folder contributes .txt, .md, "
+                            ".text, .rst, hidden names skipped)")
+    with pytest.raises(PrepareError, match=r"^corpus path .*/\*\.jsonl matches no file$"):
         _prepare([tmp_path / "*.jsonl"], tmp_path / "o", data_format="jsonl", text_field="text")
-    with pytest.raises(PrepareError, match=r"^.*/missing\.txt: no such file or directory$"):
+    with pytest.raises(PrepareError, match=r"^corpus path .*/missing\.txt matches no file$"):
         _prepare([tmp_path / "missing.txt"], tmp_path / "o")
 
 
@@ -277,19 +304,14 @@ def test_text_that_is_not_utf8_is_located(tmp_path):
 
 
 def test_cli_prints_one_located_line_and_exits_2_on_bad_input(tmp_path):
-    plan = tmp_path / "plan.json"
-    data = {
-        "paths": [str(tmp_path / "nothing")],
-        "format": "text",
-        "text_field": "text",
-        "tokenizer": TOKENIZER,
-        "seq_len": 128,
-        "validation_fraction": 0.1,
-        "prepared_dir": str(tmp_path / "out"),
-    }
-    plan.write_text(json.dumps({"recipe": {"data": data, "training": {"seed": 1}}}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Rotate keys. " * 100)
+    plan = _tiny_plan(tmp_path, f"data.paths={json.dumps([str(corpus)])}")
+    path = tmp_path / "plan.json"
+    path.write_text(plan.text())
+    corpus.unlink()
     result = subprocess.run(
-        [sys.executable, "-m", "runtime.prepare", "--plan", str(plan)],
+        [sys.executable, "-m", "runtime.prepare", "--plan", str(path)],
         check=False,
         cwd=REPO,
         capture_output=True,
@@ -297,4 +319,4 @@ def test_cli_prints_one_located_line_and_exits_2_on_bad_input(tmp_path):
         env={**os.environ, "COLUMNS": "300"},
     )
     assert result.returncode == 2
-    assert result.stderr == f"error: {tmp_path / 'nothing'}: no such file or directory\n"
+    assert result.stderr == f"error: {corpus}: corpus file listed in the plan cannot be read: No such file or directory\n"

@@ -74,7 +74,7 @@ def test_same_recipe_renders_byte_identical_artifacts(tmp_path):
 
 
 def test_plan_hashes_cover_recipe_and_plan(tmp_path):
-    from dapc.plan import sha256_of
+    from dapc.plan_schema import sha256_of
 
     plan = json.loads(_render("examples/tiny/recipe.yaml", tmp_path / "run")["plan.json"])
     assert plan["recipe_sha256"] == sha256_of(plan["recipe"])

@@ -11,6 +11,7 @@ from tests.conftest import REPO
 from tests.train_support import (
     compile_plan,
     read_plan,
+    rehash,
     run_env,
     train,
 )
@@ -35,10 +36,10 @@ def test_checkpoint_of_another_plan_is_refused_naming_the_file_and_both_hashes(p
 def test_plan_missing_a_key_exits_2_with_one_line_and_no_traceback(tmp_path: Path):
     from dapc.compile import compile_recipe
 
-    plan = compile_recipe(REPO / "examples" / "tiny" / "recipe.yaml", output=str(tmp_path / "run")).plan
+    plan = json.loads(compile_recipe(REPO / "examples" / "tiny" / "recipe.yaml", output=str(tmp_path / "run")).plan.text())
     del plan["recipe"]["training"]["lr"]
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan))
+    path.write_text(json.dumps(rehash(plan)))
     done = subprocess.run([sys.executable, "-m", "runtime.train", "--plan", str(path)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=120, check=False)
-    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"error: {path}: missing key recipe.training.lr\n")
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"error: {path}: not a valid plan: recipe.training.lr: Field required\n")

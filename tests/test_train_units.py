@@ -17,21 +17,23 @@ from runtime.checkpoint import (
     save_checkpoint,
 )
 from runtime.train.config import PlanError, load_plan
-from runtime.train.optim import lr_at, param_groups, warmup_steps
+from runtime.train.optim import lr_at, param_groups
 from tests.conftest import REPO
+from tests.train_support import rehash
 
 
 @pytest.fixture
 def tiny_plan(tmp_path: Path):
-    """Returns a function writing the tiny example's plan, changed by `edit(plan)`, and returning its path."""
+    """Returns a function writing the tiny example's plan (compiled with `overrides`), changed by `edit(plan)` and
+    rehashed as dapc would, and returning its path."""
     from dapc.compile import compile_recipe
 
-    plan = compile_recipe(REPO / "examples" / "tiny" / "recipe.yaml", output=str(tmp_path / "run")).plan
-
-    def write(edit=None) -> Path:
-        changed = json.loads(json.dumps(plan))
+    def write(edit=None, overrides: tuple[str, ...] = ()) -> Path:
+        plan = compile_recipe(REPO / "examples" / "tiny" / "recipe.yaml", overrides, output=str(tmp_path / "run")).plan
+        changed = json.loads(plan.text())
         if edit:
             edit(changed)
+            changed = rehash(changed)
         path = tmp_path / "plan.json"
         path.write_text(json.dumps(changed))
         return path
@@ -48,18 +50,22 @@ def test_load_plan_reads_the_tiny_example(tiny_plan):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda p: p["batch"].pop("grad_accum"), "missing key batch.grad_accum"),
-        (lambda p: p.update(schema_version=2), ("schema_version 2 is not supported by this runtime (it reads 1); "
-                                                "compile the recipe again with the matching dapc")),
-        (lambda p: p["recipe"]["training"].update(lr="fast"), 'recipe.training.lr is "fast", expected a number'),
-        (lambda p: p["recipe"]["training"].update(seed=True), "recipe.training.seed is true, expected an integer"),
+        (lambda p: p["batch"].pop("grad_accum"), "not a valid plan: batch.grad_accum: Field required"),
+        (lambda p: p.update(schema_version=1), ("schema_version 1 is not supported (this dapc reads 2); "
+                                                "compile the recipe again with this dapc")),
+        (lambda p: p["recipe"]["training"].update(lr="fast"),
+         "not a valid plan: recipe.training.lr: Input should be a valid number"),
+        (lambda p: p["recipe"]["training"].update(seed=True),
+         "not a valid plan: recipe.training.seed: Input should be a valid integer"),
         (lambda p: p["runtime"].update(backend="horovod"),
-         "runtime.backend is 'horovod', expected one of ddp, fsdp2, deepspeed"),
+         "not a valid plan: runtime.backend: Input should be 'ddp', 'fsdp2' or 'deepspeed'"),
         (lambda p: p["batch"].update(micro_batch=3),
          "batch: micro_batch 3 × world_size 2 × grad_accum 1 = 6 ≠ global_batch_sequences 8"),
-        (lambda p: p["cost"].update(steps=0), "cost.steps is 0, expected a positive integer"),
+        (lambda p: p["cost"].update(steps=0), "not a valid plan: cost.steps: Input should be greater than or equal to 1"),
+        (lambda p: p.pop("schema_version"),
+         "not a plan: no schema_version (write one with `dapc render` or `dapc plan --json`)"),
     ],
-    ids=["missing", "schema", "type", "bool-not-int", "choice", "batch-arithmetic", "positive"],
+    ids=["missing", "schema", "type", "bool-not-int", "choice", "batch-arithmetic", "positive", "not-a-plan"],
 )
 def test_bad_plan_is_refused_with_one_located_line(tiny_plan, edit, message: str):
     path = tiny_plan(edit)
@@ -77,14 +83,14 @@ def test_unreadable_plan_names_the_file(tmp_path: Path):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor(tiny_plan):
-    cosine = load_plan(tiny_plan(lambda p: p["recipe"]["training"].update(warmup_fraction=0.25)))  # 3 of 12
-    assert warmup_steps(cosine) == 3
+    cosine = load_plan(tiny_plan(overrides=("training.warmup_fraction=0.25",)))  # 3 of 12
+    assert cosine.warmup_steps == 3
     assert [lr_at(cosine, s) for s in range(3)] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
     assert lr_at(cosine, 11) == pytest.approx(1e-4)  # lr × min_lr_ratio at the last step
     assert lr_at(cosine, 7) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way through the decay
-    linear = load_plan(tiny_plan(lambda p: p["recipe"]["training"].update(schedule="linear", warmup_fraction=0.0)))
+    linear = load_plan(tiny_plan(overrides=("training.schedule=linear", "training.warmup_fraction=0")))
     assert [lr_at(linear, s) for s in (0, 11)] == pytest.approx([1e-3, 1e-4])
-    constant = load_plan(tiny_plan(lambda p: p["recipe"]["training"].update(schedule="constant")))
+    constant = load_plan(tiny_plan(overrides=("training.schedule=constant",)))
     assert lr_at(constant, 11) == 1e-3
 
 
@@ -132,7 +138,7 @@ def test_model_follows_the_plan_seed_and_activation_checkpointing(tiny_plan):
 
     from runtime.train.model import build_model, decoder_layers
 
-    plan = load_plan(tiny_plan(lambda p: p.update(activation_checkpointing=True)))
+    plan = load_plan(tiny_plan(overrides=("training.activation_checkpointing=true",)))
     model = build_model(plan, torch.device("cpu"))
     again = build_model(plan, torch.device("cpu"))
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -33,7 +33,6 @@ def run_env(plan_path: Path | None = None) -> dict[str, str]:
 def compile_plan(folder: Path, prepared_dir: Path, *overrides: str, name: str = "plan.json") -> Path:
     """Compiles the tiny example with `overrides` into `folder/<name>` (output `folder/run`)."""
     from dapc.compile import compile_recipe
-    from dapc.plan import plan_json_text
 
     folder.mkdir(parents=True, exist_ok=True)
     compiled = compile_recipe(
@@ -42,7 +41,7 @@ def compile_plan(folder: Path, prepared_dir: Path, *overrides: str, name: str = 
         output=str(folder / "run"),
     )
     path = folder / name
-    path.write_text(plan_json_text(compiled.plan))
+    path.write_text(compiled.plan.text())
     return path
 
 
@@ -108,3 +107,11 @@ def prepared_dir(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "runtime.prepare", "--plan", str(plan_path), "--no-progress"], cwd=REPO,
                    env=run_env(), check=True, capture_output=True, timeout=RUN_TIMEOUT_SECONDS)
     return data
+
+
+def rehash(plan: dict) -> dict:
+    """Returns `plan` (a plan.json dict a test edited) with its `plan_sha256` recomputed, as if dapc wrote it."""
+    from dapc.plan_schema import sha256_of
+
+    body = {k: v for k, v in plan.items() if k not in ("provenance", "plan_sha256")}
+    return {**plan, "plan_sha256": sha256_of(body)}

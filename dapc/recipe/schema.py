@@ -10,10 +10,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from dapc.dtypes import Precision
+from dapc.models.params import LINEAR_MODULES
+
 SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SafeName = Annotated[str, StringConstraints(pattern=SAFE_NAME_PATTERN)]
 
-Precision = Literal["bf16", "fp16", "fp32"]
 StrategyName = Literal[
     "ddp",
     "fsdp2-full",
@@ -28,7 +30,6 @@ StrategyName = Literal[
     "zero3-offload-nvme",
 ]
 STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-defined]
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class Section(BaseModel):
@@ -121,6 +122,12 @@ class TrainingSection(Section):
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; null disables.")
     precision: Precision = Field("bf16", description="bf16/fp16 mixed precision (fp32 master weights) or fp32.")
+    weights_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Dtype the trained weights, their gradients and AdamW states are stored in. fp32: an fp32 master "
+        "copy under bf16/fp16 compute (mixed precision). bf16: pure bf16 training, no fp32 copy (torchtune's "
+        "default; needs precision bf16 and a DDP or FSDP2 strategy).",
+    )
     seed: int = Field(1234, ge=0, description="Seeds the model init, the data order and dropout.")
     log_every_steps: int = Field(1, ge=1, description="Steps between metric lines.")
 
@@ -128,6 +135,8 @@ class TrainingSection(Section):
     def _one_batch_size(self) -> "TrainingSection":
         if self.global_batch_tokens is not None and self.global_batch_sequences is not None:
             raise ValueError("set global_batch_tokens or global_batch_sequences, not both")
+        if self.weights_dtype == "bf16" and self.precision != "bf16":
+            raise ValueError(f"weights_dtype bf16 (pure bf16 training) needs precision bf16, not {self.precision}")
         return self
 
 

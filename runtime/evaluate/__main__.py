@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
-from rich.markup import escape
-
 from dapc.errors import DapcError
+from runtime.errors import print_error
 from runtime.evaluate.run import BENCHMARKS, MODES, run_evaluation
 
 
@@ -77,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_tokens=args.batch_tokens,
         )
     except DapcError as e:
-        Console(stderr=True).print(escape(str(e)), style="red", soft_wrap=True)
-        return e.exit_code
+        return print_error(e)
     return 0
 
 

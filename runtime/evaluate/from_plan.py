@@ -8,12 +8,14 @@ general perplexity reads `recipe.eval.general_text`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from dapc.errors import DapcError
+from dapc.plan_schema import load_plan
 from runtime.evaluate.run import EvaluationResult, run_evaluation
+from runtime.train.config import TrainPlan
+from runtime.train.config import train_plan as train_plan_of
 
 BASE_DIR_NAME = "base-model"
 MERGED_DIR_NAME = "adapted-model"
@@ -42,11 +44,9 @@ def _save_with_tokenizer(model: Any, tokenizer_spec: str, target: Path) -> Path:
     return target
 
 
-def _base_model_dir(plan_path: Path, eval_dir: Path) -> str:
-    from runtime.train.config import load_plan
+def _base_model_dir(train_plan: TrainPlan, eval_dir: Path) -> str:
     from runtime.train.model import base_model
 
-    train_plan = load_plan(plan_path)
     if train_plan.model_init == "pretrained":
         return train_plan.model_source
     target = eval_dir / BASE_DIR_NAME
@@ -55,7 +55,7 @@ def _base_model_dir(plan_path: Path, eval_dir: Path) -> str:
     return str(target)
 
 
-def _adapted_model_dir(plan_path: Path, export_dir: Path, eval_dir: Path) -> str:
+def _adapted_model_dir(train_plan: TrainPlan, export_dir: Path, eval_dir: Path) -> str:
     if (export_dir / "config.json").exists():
         return str(export_dir)
     adapter = export_dir / "adapter"
@@ -66,10 +66,8 @@ def _adapted_model_dir(plan_path: Path, export_dir: Path, eval_dir: Path) -> str
     if not (target / "config.json").exists():
         from peft import PeftModel
 
-        from runtime.train.config import load_plan
         from runtime.train.model import base_model
 
-        train_plan = load_plan(plan_path)
         merged = PeftModel.from_pretrained(base_model(train_plan), str(adapter)).merge_and_unload()
         _save_with_tokenizer(merged, train_plan.tokenizer, target)
     return str(target)
@@ -77,25 +75,22 @@ def _adapted_model_dir(plan_path: Path, export_dir: Path, eval_dir: Path) -> str
 
 def evaluate_from_plan(plan_path: str | Path, device: str | None = None) -> EvaluationResult:
     """Runs the plan's evaluation (adapted vs base) and returns its result; files go to `paths.eval_dir`."""
-    plan_path = Path(plan_path)
-    try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        settings, paths = plan["recipe"]["eval"], plan["paths"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DapcError(f"cannot read the plan's eval settings: {e}", str(plan_path)) from e
-    eval_dir = Path(paths["eval_dir"])
+    plan = load_plan(plan_path)
+    train_plan = train_plan_of(plan, str(plan_path))
+    settings, paths = plan.recipe.eval, plan.paths
+    eval_dir = Path(paths.eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
-    adapted = _adapted_model_dir(plan_path, Path(paths["export_dir"]), eval_dir)
+    adapted = _adapted_model_dir(train_plan, Path(paths.export_dir), eval_dir)
     return run_evaluation(
         adapted,
-        {bench["name"]: bench["path"] for bench in settings["benchmarks"]},
+        {bench.name: bench.path for bench in settings.benchmarks},
         eval_dir,
-        compare_to=_base_model_dir(plan_path, eval_dir),
-        general_text=settings["general_text"] or None,
-        domain_text=_validation_windows(Path(paths["prepared_dir"])),
-        mode=settings["mode"],
-        k_shot=settings["k_shot"],
-        limit=settings["limit"],
-        ppl_seq_len=plan["batch"]["seq_len"],
+        compare_to=_base_model_dir(train_plan, eval_dir),
+        general_text=list(settings.general_text) or None,
+        domain_text=_validation_windows(Path(paths.prepared_dir)),
+        mode=settings.mode,
+        k_shot=settings.k_shot,
+        limit=settings.limit,
+        ppl_seq_len=plan.batch.seq_len,
         device=device,
     )

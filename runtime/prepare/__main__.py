@@ -7,9 +7,9 @@ import json
 import sys
 
 from rich.console import Console
-from rich.markup import escape
 
 from dapc.errors import DapcError
+from runtime.errors import print_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,19 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
+        from dapc.plan_schema import load_plan
+
         from . import prepare_from_plan
 
-        try:
-            with open(args.plan) as f:
-                plan = json.load(f)
-        except (OSError, ValueError) as e:
-            raise DapcError(f"cannot read the plan: {e}", args.plan) from e
-        manifest = prepare_from_plan(
-            plan, workers=args.workers, console=console, progress=not args.no_progress, source=args.plan
-        )
+        manifest = prepare_from_plan(load_plan(args.plan), workers=args.workers, console=console,
+                                     progress=not args.no_progress)
     except DapcError as e:
-        console.print(f"error: {escape(str(e))}", highlight=False, soft_wrap=True)
-        return e.exit_code
+        return print_error(e)
     if args.json:
         print(json.dumps(manifest.to_dict(), indent=1, sort_keys=True))
     return 0

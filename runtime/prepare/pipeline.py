@@ -29,6 +29,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from dapc.corpus import FORMATS, CorpusError, resolve_corpus
+from dapc.plan_schema import Plan
 from runtime.tokenizer import load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
 
 from .encode import SPLIT_RULE, SPLITS, EncodeSettings, UnitResult, encode_unit, init_worker
@@ -42,7 +44,7 @@ from .manifest import (
     write_json_atomic,
 )
 from .shards import ResumeMismatch, SplitWriter
-from .sources import FORMATS, PrepareError, hash_file, plan_units, resolve_paths
+from .sources import PrepareError, hash_file, plan_units
 
 DEFAULT_UNIT_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB per shard file
@@ -52,30 +54,36 @@ _COUNTERS = ("documents", "words", "content_tokens", "tokens")
 
 
 def prepare_from_plan(
-    plan: dict,
+    plan: Plan,
     *,
     workers: int | None = None,
     console: Console | None = None,
     progress: bool = True,
-    source: str = "plan.json",
 ) -> Manifest:
-    """Prepare the corpus `plan["recipe"]["data"]` describes, split with `plan["recipe"]["training"]["seed"]`.
+    """Prepares the corpus files the plan lists (`corpus.files`, resolved by the compiler) with the plan's data
+    settings, split with its training seed; returns the manifest.
 
-    `source` names the plan in error messages (its path, when it came from a file).
+    Raises PrepareError where a listed file is gone or changed size since the plan was made: the plan's token
+    estimate and step count were computed from those files.
     """
-    fmt = _plan_value(plan, source, "recipe.data.format", str)
-    paths = _plan_value(plan, source, "recipe.data.paths", list)
-    if not all(isinstance(p, str) for p in paths):
-        raise PrepareError(f"plan's recipe.data.paths is {paths!r}, expected a list of paths", source)
-    return prepare_corpus(
-        paths,
-        data_format=fmt,
-        text_field=_plan_value(plan, source, "recipe.data.text_field", str) if fmt != "text" else None,
-        tokenizer=_plan_value(plan, source, "recipe.data.tokenizer", str),
-        seq_len=_plan_value(plan, source, "recipe.data.seq_len", int),
-        validation_fraction=float(_plan_value(plan, source, "recipe.data.validation_fraction", (int, float))),
-        seed=_plan_value(plan, source, "recipe.training.seed", int),
-        prepared_dir=_plan_value(plan, source, "recipe.data.prepared_dir", str),
+    data = plan.recipe.data
+    for listed in plan.corpus.files:
+        try:
+            size = os.stat(listed.path).st_size
+        except OSError as e:
+            raise PrepareError(f"corpus file listed in the plan cannot be read: {e.strerror}", listed.path) from None
+        if size != listed.bytes:
+            raise PrepareError(f"corpus file changed since the plan was made ({listed.bytes:,} bytes planned, "
+                               f"{size:,} now); compile the recipe again", listed.path)
+    return _prepare_files(
+        [f.path for f in plan.corpus.files],
+        data_format=plan.corpus.format,
+        text_field=data.text_field if plan.corpus.format != "text" else None,
+        tokenizer=data.tokenizer or plan.recipe.model.source,
+        seq_len=data.seq_len,
+        validation_fraction=data.validation_fraction,
+        seed=plan.recipe.training.seed,
+        prepared_dir=plan.paths.prepared_dir,
         workers=workers,
         console=console,
         progress=progress,
@@ -103,9 +111,34 @@ def prepare_corpus(
     `workers` defaults to the CPU count (1 tokenizes in this process). `shard_sequences` defaults to 256 MiB per
     shard. Neither the worker count nor the console changes the output; every other argument does.
     """
+    try:
+        files = [f.path for f in resolve_corpus([os.path.abspath(p) for p in paths], data_format)]
+    except CorpusError as e:
+        raise PrepareError(e.message) from e
+    return _prepare_files(files, data_format=data_format, tokenizer=tokenizer, seq_len=seq_len,
+                          prepared_dir=prepared_dir, text_field=text_field, validation_fraction=validation_fraction,
+                          seed=seed, workers=workers, shard_sequences=shard_sequences, unit_bytes=unit_bytes,
+                          console=console, progress=progress)
+
+
+def _prepare_files(
+    files: list[str],
+    *,
+    data_format: str,
+    tokenizer: str,
+    seq_len: int,
+    prepared_dir: str | os.PathLike,
+    text_field: str | None = None,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+    workers: int | None = None,
+    shard_sequences: int | None = None,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
+    console: Console | None = None,
+    progress: bool = True,
+) -> Manifest:
     _check_settings(data_format, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences)
     text_field = None if data_format == "text" else text_field
-    files = resolve_paths(paths, data_format)
     tok = load_tokenizer(tokenizer)
     vocab_size = len(tok)
     dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
@@ -278,18 +311,6 @@ def _check_settings(fmt, text_field, seq_len, validation_fraction, unit_bytes, s
         raise PrepareError(f"validation_fraction {validation_fraction!r} must be in [0, 1)")
     if unit_bytes < 1 or (shard_sequences is not None and shard_sequences < 1):
         raise PrepareError(f"unit_bytes ({unit_bytes}) and shard_sequences ({shard_sequences}) must be positive")
-
-
-def _plan_value(plan: dict, source: str, dotted: str, kind):
-    node = plan
-    for key in dotted.split("."):
-        if not isinstance(node, dict) or key not in node:
-            raise PrepareError(f"plan has no {dotted}", source)
-        node = node[key]
-    if not isinstance(node, kind) or isinstance(node, bool):
-        expected = getattr(kind, "__name__", "a number")
-        raise PrepareError(f"plan's {dotted} is {node!r}, expected {expected}", source)
-    return node
 
 
 def _sha256_json(data: dict) -> str:

@@ -1,6 +1,6 @@
 """Input files: find them, hash them, cut them into work units, and read a unit back as documents.
 
-A work unit is a description (paths and byte ranges or row groups), never the text: workers read their own
+Which files: `dapc.corpus` resolves them (the compiler writes the list into the plan). A work unit is a description (paths and byte ranges or row groups), never the text: workers read their own
 bytes, so the main process moves only token arrays. Units are cut from the file contents and `unit_bytes`
 alone, so the same corpus gives the same units, and the same shards, for any number of workers.
 
@@ -15,7 +15,6 @@ Empty documents are skipped (no tokens, no EOS, not counted).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -24,9 +23,6 @@ from dataclasses import dataclass
 
 from dapc.errors import DapcError
 
-FORMATS = ("text", "jsonl", "parquet")
-# What a directory contributes, per format; a file named directly or matched by a glob is taken as it is.
-SUFFIXES = {"text": (".txt", ".md", ".text", ".rst"), "jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet",)}
 _WINDOW_BYTES = 1 << 16
 
 
@@ -71,28 +67,6 @@ class Document:
     ends_document: bool
 
 
-def resolve_paths(paths: Sequence[str], fmt: str) -> list[str]:
-    """Absolute file paths, in order: each entry's matches sorted, duplicates dropped. Every entry must match."""
-    if fmt not in FORMATS:
-        raise PrepareError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if not paths:
-        raise PrepareError("no data paths given")
-    found: dict[str, None] = {}
-    for entry in paths:
-        if any(c in entry for c in "*?["):
-            matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
-        elif os.path.isdir(entry):
-            matches = _walk(entry, SUFFIXES[fmt])
-        elif os.path.isfile(entry):
-            matches = [entry]
-        else:
-            raise PrepareError("no such file or directory", entry)
-        if not matches:
-            raise PrepareError(f"no {fmt} files match (a directory contributes {', '.join(SUFFIXES[fmt])})", entry)
-        found.update((os.path.abspath(m), None) for m in matches)
-    return list(found)
-
-
 def hash_file(path: str) -> InputFile:
     digest = hashlib.sha256()
     size = 0
@@ -134,14 +108,6 @@ def read_documents(unit: Unit, fmt: str, text_field: str | None) -> list[Documen
         else:
             docs.extend(_read_parquet(seg, text_field))
     return docs
-
-
-def _walk(root: str, suffixes: tuple[str, ...]) -> list[str]:
-    out = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        out += [os.path.join(folder, n) for n in names if not n.startswith(".") and n.lower().endswith(suffixes)]
-    return sorted(out, key=lambda p: os.path.relpath(p, root).split(os.sep))
 
 
 def _byte_ranges(file: InputFile, unit_bytes: int, lines_only: bool) -> Iterator[tuple[int, int]]:

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 from dapc.errors import DapcError
+from runtime.errors import print_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train(load_plan(args.plan))
     except DapcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     return 0
 
 

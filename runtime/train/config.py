@@ -1,36 +1,21 @@
-"""plan.json → `TrainPlan`: the only input of the trainer, checked key by key before anything starts.
+"""plan.json → `TrainPlan`: the trainer's view of the typed plan, read through `dapc.plan_schema.load_plan`.
 
-Every key the trainer uses is read here, once, with its type; a missing key, a wrong type, an unknown choice
-or an unsupported `schema_version` raises `PlanError` naming the plan file and the key path, which the entry
-point prints on one line (exit 2). Nothing is defaulted: plan.json is complete by contract.
+`dapc.plan_schema.load_plan` is the one reader of plan.json (schema_version, every key and type, the hash);
+`TrainPlan` only gathers the fields the trainer uses under short names. Nothing is defaulted or derived
+here: plan.json is complete by contract, and what the runtime does (load mode, dtypes, schedule points) the
+compiler decided.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dapc.errors import DapcError
-from runtime.memory_probe import COUNTERS
+from dapc.plan_schema import Plan, PlanError
+from dapc.plan_schema import load_plan as load_typed_plan
 
-__all__ = ["SUPPORTED_SCHEMA_VERSIONS", "FsdpSettings", "LoraSettings", "PlanError", "TrainPlan", "load_plan"]
-
-# The plan.json versions this runtime reads (dapc.plan.SCHEMA_VERSION writes them).
-SUPPORTED_SCHEMA_VERSIONS = (1,)
-BACKENDS = ("ddp", "fsdp2", "deepspeed")
-PRECISIONS = ("bf16", "fp16", "fp32")
-METHODS = ("full", "lora", "qlora")
-SCHEDULES = ("cosine", "linear", "constant")
-OPTIMIZERS = ("adamw", "adamw-8bit")
-INITS = ("random", "pretrained")
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
-_MISSING = object()
-
-
-class PlanError(DapcError):
-    """A plan.json the trainer cannot run: unreadable, incomplete, or of another schema version."""
+__all__ = ["FsdpSettings", "LoraSettings", "PlanError", "TrainPlan", "load_plan", "train_plan"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +42,14 @@ class TrainPlan:
     plan_sha256: str
     # model
     model_source: str
-    model_dtype: str  # bf16 | fp16 | fp32: the dtype of the (frozen) base weights
+    model_dtype: str  # bf16 | fp16 | fp32: recipe model.dtype
     model_init: str  # random | pretrained
     model_config: dict[str, Any]  # the full HF config, passed to the model class as is
     tokenizer: str
+    # loading, as the compiler decided it (plan.json `loading`)
+    load_mode: str  # every-rank | rank0-broadcast | meta-sharded-quantize | zero3-init
+    base_dtype: str  # bf16 | fp16 | fp32: the frozen base (LoRA/QLoRA)
+    trained_dtype: str  # bf16 | fp16 | fp32: the trained parameters as the backend stores them
     # method
     method: str
     lora: LoraSettings
@@ -68,9 +57,9 @@ class TrainPlan:
     double_quant: bool
     # training
     lr: float
-    min_lr_ratio: float
+    min_lr: float
     schedule: str
-    warmup_fraction: float
+    warmup_steps: int
     weight_decay: float
     adam_beta1: float
     adam_beta2: float
@@ -111,146 +100,69 @@ class TrainPlan:
 
 
 def load_plan(path: str | Path) -> TrainPlan:
-    """Reads and checks the plan at `path`. Raises PlanError (one line, exit 2) when it cannot be run."""
-    where = str(path)
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise PlanError(f"cannot read the plan: {e.strerror}", where) from e
-    except json.JSONDecodeError as e:
-        raise PlanError(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}", where) from e
-    if not isinstance(raw, dict):
-        raise PlanError("the plan is not a JSON object", where)
-    r = _Reader(raw, where)
-    version = r.get("schema_version", int)
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        supported = ", ".join(map(str, SUPPORTED_SCHEMA_VERSIONS))
-        raise PlanError(f"schema_version {version} is not supported by this runtime (it reads {supported}); "
-                        "compile the recipe again with the matching dapc", where)
-    backend = r.choice("runtime.backend", BACKENDS)
-    plan = TrainPlan(
-        path=where,
-        plan_sha256=r.get("plan_sha256", str),
-        model_source=r.get("recipe.model.source", str),
-        model_dtype=r.choice("recipe.model.dtype", PRECISIONS),
-        model_init=r.choice("recipe.model.init", INITS),
-        model_config=r.get("model.config", dict),
-        tokenizer=r.get("recipe.data.tokenizer", str),
-        method=r.choice("recipe.method.name", METHODS),
-        lora=LoraSettings(
-            r=r.get("recipe.method.lora.r", int),
-            alpha=r.get("recipe.method.lora.alpha", float),
-            dropout=r.get("recipe.method.lora.dropout", float),
-            target_modules=tuple(r.get("recipe.method.lora.target_modules", list)),
-        ),
-        quant_type=r.get("recipe.method.quant_type", str),
-        double_quant=r.get("recipe.method.double_quant", bool),
-        lr=r.get("recipe.training.lr", float),
-        min_lr_ratio=r.get("recipe.training.min_lr_ratio", float),
-        schedule=r.choice("recipe.training.schedule", SCHEDULES),
-        warmup_fraction=r.get("recipe.training.warmup_fraction", float),
-        weight_decay=r.get("recipe.training.weight_decay", float),
-        adam_beta1=r.get("recipe.training.adam_beta1", float),
-        adam_beta2=r.get("recipe.training.adam_beta2", float),
-        adam_eps=r.get("recipe.training.adam_eps", float),
-        grad_clip=r.get("recipe.training.grad_clip", float, nullable=True),
-        precision=r.choice("recipe.training.precision", PRECISIONS),
-        seed=r.get("recipe.training.seed", int),
-        log_every_steps=r.positive("recipe.training.log_every_steps"),
-        optimizer=r.choice("recipe.training.optimizer", OPTIMIZERS),
-        seq_len=r.positive("batch.seq_len"),
-        micro_batch=r.positive("batch.micro_batch"),
-        grad_accum=r.positive("batch.grad_accum"),
-        global_batch_sequences=r.positive("batch.global_batch_sequences"),
-        world_size=r.positive("batch.world_size"),
-        activation_checkpointing=r.get("activation_checkpointing", bool),
-        steps=r.positive("cost.steps"),
-        flops_per_token=r.get("cost.flops_per_token", float),
-        device_peak_flops=r.get("device.bf16_tflops", float) * 1e12,
-        strategy=r.get("strategy.name", str),
-        backend=backend,
-        fsdp=_fsdp(r) if backend == "fsdp2" else None,
-        deepspeed=r.get("runtime.deepspeed", dict) if backend == "deepspeed" else None,
-        checkpoint_every_steps=r.positive("recipe.checkpoint.every_steps"),
-        keep_last=r.positive("recipe.checkpoint.keep_last"),
-        export_hf=r.get("recipe.checkpoint.export_hf", bool),
-        merge_lora=r.get("recipe.checkpoint.merge_lora", bool),
-        output_dir=r.get("paths.output_dir", str),
-        prepared_dir=r.get("paths.prepared_dir", str),
-        checkpoint_dir=r.get("paths.checkpoint_dir", str),
-        export_dir=r.get("paths.export_dir", str),
-        metrics_path=r.get("paths.metrics_path", str),
-        memory_total_bytes=r.get("memory.per_gpu_bytes.total", int),
-        memory_counter=r.choice("memory.counter", COUNTERS),
+    """Reads the plan at `path` through the typed loader and returns the trainer's view of it.
+
+    Raises PlanError (one line, exit 2) when it cannot be run."""
+    return train_plan(load_typed_plan(path), str(path))
+
+
+def train_plan(plan: Plan, path: str) -> TrainPlan:
+    """Returns the trainer's view of a typed plan read from `path`."""
+    r, t, b = plan.recipe, plan.recipe.training, plan.batch
+    fsdp = plan.runtime.fsdp
+    return TrainPlan(
+        path=path,
+        plan_sha256=plan.plan_sha256,
+        model_source=r.model.source,
+        model_dtype=r.model.dtype,
+        model_init=r.model.init,
+        model_config=plan.model.config,
+        tokenizer=r.data.tokenizer or r.model.source,
+        load_mode=plan.loading.mode,
+        base_dtype=plan.loading.base_dtype,
+        trained_dtype=plan.loading.trained_dtype,
+        method=r.method.name,
+        lora=LoraSettings(r.method.lora.r, r.method.lora.alpha, r.method.lora.dropout,
+                          tuple(r.method.lora.target_modules)),
+        quant_type=r.method.quant_type,
+        double_quant=r.method.double_quant,
+        lr=plan.schedule.peak_lr,
+        min_lr=plan.schedule.min_lr,
+        schedule=plan.schedule.kind,
+        warmup_steps=plan.schedule.warmup_steps,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        grad_clip=t.grad_clip,
+        precision=t.precision,
+        seed=t.seed,
+        log_every_steps=t.log_every_steps,
+        optimizer=t.optimizer,
+        seq_len=b.seq_len,
+        micro_batch=b.micro_batch,
+        grad_accum=b.grad_accum,
+        global_batch_sequences=b.global_batch_sequences,
+        world_size=b.world_size,
+        activation_checkpointing=plan.activation_checkpointing,
+        steps=plan.cost.steps,
+        flops_per_token=plan.cost.flops_per_token,
+        device_peak_flops=plan.device.bf16_tflops * 1e12,
+        strategy=plan.strategy.name,
+        backend=plan.runtime.backend,
+        fsdp=None if fsdp is None else FsdpSettings(
+            tuple(fsdp.mesh), tuple(fsdp.mesh_dims), fsdp.reshard_after_forward, fsdp.param_dtype,
+            fsdp.reduce_dtype, fsdp.cpu_offload),
+        deepspeed=plan.runtime.deepspeed,
+        checkpoint_every_steps=r.checkpoint.every_steps,
+        keep_last=r.checkpoint.keep_last,
+        export_hf=r.checkpoint.export_hf,
+        merge_lora=r.checkpoint.merge_lora,
+        output_dir=plan.paths.output_dir,
+        prepared_dir=plan.paths.prepared_dir,
+        checkpoint_dir=plan.paths.checkpoint_dir,
+        export_dir=plan.paths.export_dir,
+        metrics_path=plan.paths.metrics_path,
+        memory_total_bytes=plan.memory.per_gpu_bytes.total,
+        memory_counter=plan.memory.counter,
     )
-    _check_batch(plan)
-    return plan
-
-
-def _fsdp(r: _Reader) -> FsdpSettings:
-    settings = FsdpSettings(
-        mesh=tuple(r.get("runtime.fsdp.mesh", list)),
-        mesh_dims=tuple(r.get("runtime.fsdp.mesh_dims", list)),
-        reshard_after_forward=r.get("runtime.fsdp.reshard_after_forward", bool),
-        param_dtype=r.choice("runtime.fsdp.param_dtype", TORCH_DTYPES),
-        reduce_dtype=r.choice("runtime.fsdp.reduce_dtype", TORCH_DTYPES),
-        cpu_offload=r.get("runtime.fsdp.cpu_offload", bool),
-    )
-    if settings.mesh_dims not in (("shard",), ("replicate", "shard")) or len(settings.mesh) != len(settings.mesh_dims):
-        raise PlanError(f"runtime.fsdp: mesh {list(settings.mesh)} with dims {list(settings.mesh_dims)} is neither "
-                        "[N] ['shard'] nor [R, S] ['replicate', 'shard']", r.where)
-    return settings
-
-
-def _check_batch(p: TrainPlan) -> None:
-    product = p.micro_batch * p.world_size * p.grad_accum
-    if product != p.global_batch_sequences:
-        raise PlanError(f"batch: micro_batch {p.micro_batch} × world_size {p.world_size} × grad_accum {p.grad_accum} "
-                        f"= {product} ≠ global_batch_sequences {p.global_batch_sequences}", p.path)
-    if p.fsdp is not None and _product(p.fsdp.mesh) != p.world_size:
-        raise PlanError(f"runtime.fsdp.mesh {list(p.fsdp.mesh)} covers {_product(p.fsdp.mesh)} ranks ≠ world_size "
-                        f"{p.world_size}", p.path)
-
-
-def _product(values: tuple[int, ...]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
-class _Reader:
-    """Typed access to dotted key paths of the plan; every failure names the key."""
-
-    def __init__(self, raw: dict[str, Any], where: str):
-        self.raw, self.where = raw, where
-
-    def get(self, key: str, kind: type, nullable: bool = False) -> Any:
-        node: Any = self.raw
-        for part in key.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-            if node is _MISSING:
-                raise PlanError(f"missing key {key}", self.where)
-        if node is None and nullable:
-            return None
-        if kind is float and isinstance(node, int) and not isinstance(node, bool):
-            return float(node)
-        if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
-            raise PlanError(f"{key} is {json.dumps(node)[:60]}, expected {_KIND_NAMES[kind]}", self.where)
-        return node
-
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
-        value = self.get(key, str)
-        if value not in choices:
-            raise PlanError(f"{key} is {value!r}, expected one of {', '.join(choices)}", self.where)
-        return value
-
-    def positive(self, key: str) -> int:
-        value = self.get(key, int)
-        if value < 1:
-            raise PlanError(f"{key} is {value}, expected a positive integer", self.where)
-        return value
-
-
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
-               dict: "an object"}

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import TrainPlan
 
-__all__ = ["build_optimizer", "lr_at", "param_groups", "warmup_steps"]
+__all__ = ["build_optimizer", "lr_at", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -38,19 +38,15 @@ def build_optimizer(plan: TrainPlan, groups: list[dict[str, Any]]) -> torch.opti
     return torch.optim.AdamW(groups, **settings)
 
 
-def warmup_steps(plan: TrainPlan) -> int:
-    return round(plan.warmup_fraction * plan.steps)
-
-
 def lr_at(plan: TrainPlan, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over `warmup_steps`, then
-    cosine or linear decay to `lr · min_lr_ratio` at the last step, or constant."""
-    warmup = warmup_steps(plan)
+    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over the plan's `warmup_steps`,
+    then cosine or linear decay to the plan's `min_lr` at the last step, or constant."""
+    warmup = plan.warmup_steps
     if step < warmup:
         return plan.lr * (step + 1) / warmup
     if plan.schedule == "constant":
         return plan.lr
-    floor = plan.lr * plan.min_lr_ratio
+    floor = plan.min_lr
     progress = (step - warmup) / max(1, plan.steps - 1 - warmup)
     if plan.schedule == "linear":
         return plan.lr - (plan.lr - floor) * progress

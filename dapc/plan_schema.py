@@ -1,0 +1,349 @@
+"""plan.json, the contract: typed models (torch-free) and the one loader every reader goes through.
+
+The compiler builds a `Plan`; render and report read its fields; every runtime entry point (prepare, train,
+export, evaluate) calls `load_plan`, which checks `schema_version` first and then every key and type, and
+raises `PlanError` (one line naming the file and the key path, exit 2) for anything else. Nothing indexes a
+raw plan dict. `recipe` is the resolved recipe itself (the same pydantic model the compiler validated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dapc.dtypes import Precision
+from dapc.errors import DapcError
+from dapc.loading import LoadMode
+from dapc.recipe.schema import Recipe, StrategyName
+
+SCHEMA_VERSION = 2
+MAX_PLAN_BYTES = 64 * 1024**2  # a plan is kilobytes; anything this large is not one
+Counter = Literal["cuda.max_memory_reserved", "cuda.max_memory_allocated", "cpu.vm_hwm"]
+Backend = Literal["ddp", "fsdp2", "deepspeed"]
+TorchDtypeName = Literal["float32", "bfloat16", "float16"]
+
+
+class PlanError(DapcError):
+    """A plan.json that cannot be used: unreadable, not a plan, of another schema version, or inconsistent."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ParamGroups(_Part):
+    total: int
+    embedding: int
+    attention: int
+    mlp: int
+    norms: int
+    lm_head: int
+    experts: int
+
+
+class ModelInfo(_Part):
+    name: str
+    params: ParamGroups
+    tied: bool
+    per_layer_params: int
+    largest_layer_params: int
+    architecture: dict[str, int | str | bool]
+    config: dict[str, Any] = Field(description="The model's HF config.json, passed to transformers as is.")
+
+
+class MethodInfo(_Part):
+    name: Literal["full", "lora", "qlora"]
+    trainable_params: int
+
+
+class StrategyInfo(_Part):
+    name: StrategyName  # type: ignore[valid-type]
+    forced: bool
+    reason: str
+    backend: Backend
+    zero_stage: int
+    description: str
+
+
+class Batch(_Part):
+    seq_len: int = Field(ge=1)
+    micro_batch: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    global_batch_sequences: int = Field(ge=1)
+    global_batch_tokens: int = Field(ge=1)
+    global_batch_origin: str
+    world_size: int = Field(ge=1)
+    nodes: int = Field(ge=1)
+    gpus_per_node: int = Field(ge=1)
+
+
+class PerGpuBytes(_Part):
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+    buffers: int
+    total: int
+
+
+class Formulas(_Part):
+    weights: str
+    gradients: str
+    optimizer: str
+    activations: str
+    logits: str
+    buffers: str
+
+
+class Memory(_Part):
+    per_gpu_bytes: PerGpuBytes
+    formulas: Formulas
+    device_capacity_bytes: int
+    headroom_bytes: int
+    fits: bool
+    misfit: str | None
+    load_peak_bytes: int
+    allocator_reserve_bytes: int = Field(description="Part of buffers the caching allocator holds beyond live "
+                                         "tensors: total minus this predicts cuda.max_memory_allocated.")
+    cpu_per_node_bytes: int
+    nvme_per_node_bytes: int
+    counter: Counter
+
+
+class Alternative(_Part):
+    strategy: StrategyName  # type: ignore[valid-type]
+    micro_batch: int
+    activation_checkpointing: bool
+    fits: bool
+    total_bytes: int
+    step_seconds: float
+    lost_because: str
+
+
+class FewestGpus(_Part):
+    """The fewest GPUs of this type the method fits on at micro-batch 1, with the sharded strategy that does it."""
+
+    gpus: int = Field(ge=1)
+    strategy: StrategyName  # type: ignore[valid-type]
+    activation_checkpointing: bool
+    total_bytes: int
+
+
+class Cost(_Part):
+    tokens: int
+    tokens_exact: bool
+    tokens_per_byte_assumed: float | None
+    corpus_bytes: int
+    corpus_files: int
+    flops_per_token: float
+    assumed_mfu: float
+    compute_seconds: float
+    comm_seconds: float
+    offload_seconds: float
+    step_seconds: float
+    steps: int = Field(ge=1)
+    wall_seconds: float
+    gpu_hours: float
+    usd: float
+    kwh: float
+
+
+class DeviceInfo(_Part):
+    name: str
+    memory_bytes: int
+    bf16_tflops: float
+    memory_bandwidth_gbps: float
+    tdp_watts: float
+    intra_node_gbps: float
+    is_cpu: bool
+    source: str
+
+
+class Paths(_Part):
+    output_dir: str
+    prepared_dir: str
+    checkpoint_dir: str
+    export_dir: str
+    metrics_path: str
+    eval_dir: str
+
+
+class CorpusFileInfo(_Part):
+    path: str
+    bytes: int = Field(ge=0)
+
+
+class Corpus(_Part):
+    """The corpus files the compiler resolved (`dapc.corpus`): what `prepare` reads, nothing else."""
+
+    format: Literal["text", "jsonl", "parquet"]
+    files: tuple[CorpusFileInfo, ...] = Field(min_length=1)
+    total_bytes: int
+
+
+class Loading(_Part):
+    """How the runtime builds the model (`dapc.loading`), which the memory model counted."""
+
+    mode: LoadMode  # type: ignore[valid-type]
+    base_dtype: Precision
+    trained_dtype: Precision
+    reason: str
+
+
+class Schedule(_Part):
+    """The learning rate at every step: linear warmup to `peak_lr` over `warmup_steps`, then `kind` decay to
+    `min_lr` at the last of `total_steps`."""
+
+    kind: Literal["cosine", "linear", "constant"]
+    peak_lr: float
+    min_lr: float
+    warmup_steps: int = Field(ge=0)
+    total_steps: int = Field(ge=1)
+
+
+class FsdpSettings(_Part):
+    mesh: tuple[int, ...]
+    mesh_dims: tuple[Literal["replicate", "shard"], ...]
+    reshard_after_forward: bool
+    param_dtype: TorchDtypeName
+    reduce_dtype: TorchDtypeName
+    cpu_offload: bool
+
+
+class RuntimeSettings(_Part):
+    backend: Backend
+    fsdp: FsdpSettings | None
+    deepspeed: dict[str, Any] | None = Field(description="ds_config.json, passed to DeepSpeed as is.")
+
+
+class Provenance(_Part):
+    dapc_version: str
+    model_config_path: str
+
+
+class Plan(_Part):
+    """The whole plan. Everything but `provenance` is covered by `plan_sha256`."""
+
+    schema_version: Literal[2]
+    recipe: Recipe
+    recipe_sha256: str
+    plan_sha256: str
+    provenance: Provenance
+    model: ModelInfo
+    method: MethodInfo
+    strategy: StrategyInfo
+    batch: Batch
+    activation_checkpointing: bool
+    memory: Memory
+    alternatives: tuple[Alternative, ...]
+    suggestions: tuple[str, ...]
+    warnings: tuple[str, ...]
+    fewest_gpus: FewestGpus | None
+    cost: Cost
+    device: DeviceInfo
+    paths: Paths
+    corpus: Corpus
+    loading: Loading
+    schedule: Schedule
+    runtime: RuntimeSettings
+
+    def body(self) -> dict[str, Any]:
+        """Returns the hashed part as JSON values: the plan without `provenance` and `plan_sha256`."""
+        return self.model_dump(mode="json", exclude={"provenance", "plan_sha256"})
+
+    def text(self) -> str:
+        """Returns plan.json's text: sorted keys, two-space indent, strict JSON, trailing newline."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2, ensure_ascii=False,
+                          allow_nan=False) + "\n"
+
+
+def canonical_json(value: Any) -> str:
+    """Returns `value` as canonical JSON: sorted keys, no whitespace, strict (what the hashes cover)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def sha256_of(value: Any) -> str:
+    """Returns the hex sha256 of `value`'s canonical JSON."""
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Reads, checks and returns the plan at `path`: the only way any runtime module reads plan.json.
+
+    Raises PlanError (location: the file) for a file that cannot be read, is not JSON, is not a plan, has
+    another `schema_version`, fails a type check (naming the key path), or whose `plan_sha256` does not match.
+    """
+    where = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PLAN_BYTES + 1)
+    except (OSError, ValueError) as e:
+        raise PlanError(f"cannot read the plan: {getattr(e, 'strerror', None) or e}", where) from e
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"not a plan: larger than {MAX_PLAN_BYTES // 1024**2} MiB", where)
+    try:
+        raw = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise PlanError(_json_reason(e), where) from e
+    if not isinstance(raw, dict) or "schema_version" not in raw:
+        raise PlanError("not a plan: no schema_version (write one with `dapc render` or `dapc plan --json`)", where)
+    version = raw["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise PlanError(f"schema_version {json.dumps(version)[:20]} is not supported (this dapc reads "
+                        f"{SCHEMA_VERSION}); compile the recipe again with this dapc", where)
+    try:
+        plan = Plan.model_validate_json(data, strict=True)  # strict: true is not 1, "3" is not 3
+    except ValidationError as e:
+        raise PlanError(f"not a valid plan: {_first_error(e)}", where) from e
+    if sha256_of(plan.body()) != plan.plan_sha256:
+        raise PlanError("plan_sha256 does not match the plan's content: it was edited after `dapc` wrote it; "
+                        "change the recipe and render again", where)
+    _check_consistent(plan, where)
+    return plan
+
+
+def _check_consistent(plan: Plan, where: str) -> None:
+    b = plan.batch
+    product = b.micro_batch * b.world_size * b.grad_accum
+    if product != b.global_batch_sequences:
+        raise PlanError(f"batch: micro_batch {b.micro_batch} × world_size {b.world_size} × grad_accum "
+                        f"{b.grad_accum} = {product} ≠ global_batch_sequences {b.global_batch_sequences}", where)
+    fsdp = plan.runtime.fsdp
+    if (plan.runtime.backend == "fsdp2") != (fsdp is not None):
+        raise PlanError(f"runtime: backend {plan.runtime.backend} with fsdp settings {fsdp is not None}", where)
+    if fsdp is not None:
+        covered = 1
+        for size in fsdp.mesh:
+            covered *= size
+        if fsdp.mesh_dims not in (("shard",), ("replicate", "shard")) or len(fsdp.mesh) != len(fsdp.mesh_dims):
+            raise PlanError(f"runtime.fsdp: mesh {list(fsdp.mesh)} with dims {list(fsdp.mesh_dims)} is neither "
+                            "[N] ['shard'] nor [R, S] ['replicate', 'shard']", where)
+        if covered != b.world_size:
+            raise PlanError(f"runtime.fsdp.mesh {list(fsdp.mesh)} covers {covered} ranks ≠ world_size "
+                            f"{b.world_size}", where)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_reason(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"not JSON: {error.msg} at line {error.lineno} column {error.colno}"
+    if isinstance(error, UnicodeDecodeError):
+        return "not a plan: not UTF-8 text"
+    if isinstance(error, RecursionError):
+        return "not a plan: nested too deeply"
+    return f"not JSON: {error}"
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    extra = f" ({len(error.errors())} problems)" if error.error_count() > 1 else ""
+    return f"{key}: {first['msg']}{extra}"
