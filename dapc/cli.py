@@ -88,24 +88,28 @@ def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output", type=click.Path(file_okay=False, path_type=Path),
+@click.option("-o", "--output", "output", type=str,
               help="Run directory; overrides the recipe's `output`.")
 @_set_option
 @click.option("--allow-unfit", is_flag=True, help="Write the artifacts even when the plan does not fit.")
+@click.option("--force", is_flag=True, help="Replace files of the same names that dapc did not write.")
 @_json_option
-def render(recipe: Path, output: Path | None, overrides: tuple[str, ...], allow_unfit: bool, as_json: bool) -> None:
+def render(recipe: Path, output: str | None, overrides: tuple[str, ...], allow_unfit: bool, force: bool,
+           as_json: bool) -> None:
     """Write plan.json, launch.sh, job.sbatch, pytorchjob.yaml, ds_config.json and README.md for RECIPE."""
     from dapc.compile import compile_recipe
     from dapc.render import render_artifacts, write_artifacts
 
-    compiled = compile_recipe(recipe, overrides, output=str(output.resolve()) if output else None)
+    if output is not None and not output.strip():
+        raise DapcError("-o: the output directory is empty; name one")
+    compiled = compile_recipe(recipe, overrides, output=str(Path(output).resolve()) if output is not None else None)
     _warn(compiled.plan.warnings)
     out_dir = Path(compiled.plan.paths.output_dir)
     if not compiled.decision.fits and not allow_unfit:
         click.echo(f"error: plan does not fit ({compiled.plan.memory.misfit}); nothing written. "
                    "`dapc plan` shows what would fit; --allow-unfit writes anyway.", err=True)
         sys.exit(EXIT_UNFIT)
-    written = write_artifacts(render_artifacts(compiled.plan, out_dir), out_dir)
+    written = write_artifacts(render_artifacts(compiled.plan, out_dir), out_dir, force=force)
     if as_json:
         click.echo(json.dumps({"output_dir": str(out_dir), "files": [str(p) for p in written]}, sort_keys=True))
     else:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,7 @@ def template_context(plan: Plan, out_dir: Path) -> dict[str, Any]:
         "plan_sha256": plan.plan_sha256,
         "python": python,
         "rdzv_port": launch.rdzv_port,
-        "env": sorted(launch.env.items()),
+        "env": sorted(plan.runtime.env.items()),
         "nodes": nodes,
         "gpus_per_node": gpus,
         "gpus_per_node_directive": has_gpu,
@@ -127,18 +129,86 @@ def render_artifacts(plan: Plan, out_dir: Path) -> dict[str, str]:
     return files
 
 
-def write_artifacts(files: dict[str, str], out_dir: Path) -> list[Path]:
-    """Writes each artifact atomically (temp file, fsync, rename) into `out_dir`; returns their paths."""
+MANIFEST_NAME = ".dapc-render.json"  # what the last render wrote here, with each file's sha256
+
+
+class RenderError(DapcError):
+    """A render that would destroy files dapc did not write, or cannot write where it was told."""
+
+
+def write_artifacts(files: dict[str, str], out_dir: Path, force: bool = False) -> list[Path]:
+    """Writes the artifacts into `out_dir` and returns their paths; never destroys what dapc did not write.
+
+    A file of the same name that the last render did not write (or that was edited since) is refused unless
+    `force`. Every file is staged in a folder beside the targets first and then renamed into place, so a
+    failure leaves the earlier render whole; artifacts of the last render that this one no longer writes
+    (a `ds_config.json` after switching to FSDP2) are removed when unedited. Files get the umask's mode.
+    """
+    _check_target(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in sorted(files):
-        target = out_dir / name
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(files[name])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
-        os.replace(tmp, target)
-        written.append(target)
-    return written
+    previous = _previous_manifest(out_dir)
+    clashes = sorted(name for name in files if (out_dir / name).exists() and not _ours(out_dir / name, previous))
+    if clashes and not force:
+        raise RenderError(f"holds {', '.join(clashes)} that dapc did not write (or that changed since it rendered "
+                          "them); render elsewhere with -o, or pass --force to replace them", str(out_dir))
+    umask = _umask()
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".dapc-render-"))
+    try:
+        for name in sorted(files):
+            _write_file(staging / name, files[name], (0o777 if name.endswith((".sh", ".sbatch")) else 0o666) & ~umask)
+        manifest = {"files": {name: _sha256(files[name].encode("utf-8")) for name in sorted(files)}}
+        _write_file(staging / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n", 0o666 & ~umask)
+        for name in sorted(files):
+            os.replace(staging / name, out_dir / name)
+        for name in sorted(set(previous) - set(files)):
+            stale = out_dir / name
+            if stale.is_file() and _ours(stale, previous):
+                stale.unlink()
+        os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / name for name in sorted(files)]
+
+
+def _check_target(out_dir: Path) -> None:
+    if str(out_dir) in ("", "."):
+        raise RenderError("the output directory is empty; name one with -o DIR")
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise RenderError(f"{folder} is a file, not a directory", str(out_dir))
+
+
+def _previous_manifest(out_dir: Path) -> dict[str, str]:
+    try:
+        files = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(k, str) and isinstance(v, str) and "/" not in k}
+
+
+def _ours(path: Path, previous: dict[str, str]) -> bool:
+    if path.name not in previous or not path.is_file() or path.is_symlink():
+        return False
+    try:
+        return _sha256(path.read_bytes()) == previous[path.name]
+    except OSError:
+        return False
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _write_file(path: Path, text: str, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(path, mode)  # O_CREAT applied the umask already; chmod states it exactly

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,7 +30,10 @@ def _render(recipe: str, out: Path, overrides=()) -> dict[str, str]:
     args = ["render", str(REPO / recipe), "-o", str(out)] + [a for s in overrides for a in ("--set", s)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    return {p.name: p.read_text() for p in sorted(out.iterdir()) if p.is_file()}
+    files = {p.name: p.read_text() for p in sorted(out.iterdir()) if p.is_file()}
+    manifest = json.loads(files.pop(".dapc-render.json"))  # hashes of path-dependent files: checked here, not golden
+    assert manifest["files"] == {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()}
+    return files
 
 
 def _masked(text: str, out: Path, plan: dict) -> str:
@@ -145,3 +149,51 @@ def test_sbatch_is_accepted_by_a_real_slurm_controller(tmp_path, slurm_cluster):
     _render("recipes/cyber-dap-llama3.3-70b.yaml", out, ("hardware.nodes=32",))
     code, text = slurm_cluster.test_only(out / "job.sbatch", cwd=out)
     assert code != 0 and "Requested node configuration is not available" in text, text
+
+
+def _render_cli(recipe: str, out: Path, *extra: str):
+    return CliRunner().invoke(main, ["render", str(REPO / recipe), "-o", str(out), *extra])
+
+
+def test_render_never_replaces_a_file_it_did_not_write(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my own notes\n")
+    (out / "notes.txt").write_text("keep\n")
+    result = _render_cli("examples/tiny/recipe.yaml", out)
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: {out}: holds README.md that dapc did not write (or that changed since it "
+                             "rendered them); render elsewhere with -o, or pass --force to replace them\n")
+    assert (out / "README.md").read_text() == "my own notes\n" and not (out / "plan.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "notes.txt"]  # no temp file left behind
+    assert _render_cli("examples/tiny/recipe.yaml", out, "--force").exit_code == 0
+    assert (out / "README.md").read_text() != "my own notes\n" and (out / "notes.txt").read_text() == "keep\n"
+
+
+def test_render_again_replaces_its_own_files_and_removes_its_stale_ones(tmp_path):
+    out = tmp_path / "run"
+    assert _render_cli("examples/tiny/recipe.yaml", out, "--set", "strategy=zero2").exit_code == 0
+    assert (out / "ds_config.json").exists()
+    assert _render_cli("examples/tiny/recipe.yaml", out).exit_code == 0  # FSDP2 now: no DeepSpeed config
+    assert not (out / "ds_config.json").exists()
+    (out / "launch.sh").write_text("#!/bin/sh\necho edited by hand\n")
+    assert _render_cli("examples/tiny/recipe.yaml", out).exit_code == 2  # an edited artifact is the user's now
+
+
+def test_render_respects_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        assert _render_cli("examples/tiny/recipe.yaml", tmp_path / "run").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "launch.sh").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "run" / "plan.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_render_refuses_an_empty_or_file_target(tmp_path):
+    result = CliRunner().invoke(main, ["render", str(REPO / "examples/tiny/recipe.yaml"), "-o", ""])
+    assert (result.exit_code, result.stderr) == (2, "error: -o: the output directory is empty; name one\n")
+    (tmp_path / "file").write_text("x")
+    result = _render_cli("examples/tiny/recipe.yaml", tmp_path / "file" / "run")
+    assert (result.exit_code, result.stderr) == (2, f"error: {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a "
+                                                    "file, not a directory\n")
