@@ -50,11 +50,10 @@ def main() -> None:
 @_set_option
 @_json_option
 def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Check RECIPE: schema, files, model, hardware. Exit 0 when valid, 2 with the first problem."""
-    from dapc.recipe import load_recipe
-    from dapc.resolve import resolve
+    """Check RECIPE: every check `plan` makes but whether it fits. Exit 0 when valid, 2 with the first problem."""
+    from dapc.compile import compile_recipe
 
-    spec = resolve(load_recipe(recipe, overrides))
+    spec = compile_recipe(recipe, overrides).spec
     _warn(spec.warnings)
     facts = {"valid": True, "name": spec.recipe.name, "model": spec.arch.name, "params": spec.params.total,
              "world_size": spec.world_size, "corpus_files": spec.corpus_files, "corpus_bytes": spec.corpus_bytes}

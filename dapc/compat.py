@@ -5,33 +5,80 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dapc.models import Architecture, decoder_linear_shapes
 from dapc.recipe import Recipe
-from dapc.strategies import Strategy
+from dapc.strategies import Strategy, shard_degree
+
+NF4_BLOCK = 64  # values per NF4 block scale (runtime/train/nf4.py, QLoRA §3)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a refusal looks at: the recipe, a strategy, the architecture and the world size."""
+
+    recipe: Recipe
+    strategy: Strategy
+    arch: Architecture
+    world_size: int
+
+    @property
+    def shard(self) -> int:
+        """GPUs one copy of the sharded states is split over."""
+        return shard_degree(self.strategy, self.world_size, self.recipe.hardware.gpus_per_node)
 
 
 @dataclass(frozen=True)
 class Incompatibility:
-    """A recipe setting the runtime refuses under some strategies, the key that sets it, and why."""
+    """A setting the runtime refuses, the recipe key that sets it, and why (a function of the setting)."""
 
     key_path: tuple[str, ...]
-    applies: Callable[[Recipe, Strategy], bool]
-    reason: str
+    applies: Callable[[Setting], bool]
+    reason: Callable[[Setting], str]
+
+
+def _qlora(s: Setting) -> bool:
+    return s.recipe.method.name == "qlora"
+
+
+def _uneven_rows(s: Setting) -> list[str]:
+    return [f"{name} ({rows} rows)" for name, (_, rows) in decoder_linear_shapes(s.arch).items() if rows % s.shard]
+
+
+def _ragged_blocks(s: Setting) -> list[str]:
+    return [f"{name} ({cols})" for name, (cols, _) in decoder_linear_shapes(s.arch).items() if cols % NF4_BLOCK]
 
 
 INCOMPATIBLE: tuple[Incompatibility, ...] = (
     Incompatibility(("training", "precision"),
-                    lambda r, s: r.training.precision == "fp16" and s.backend == "fsdp2",
-                    "fp16 with FSDP2 needs a sharded gradient scaler, which the runtime does not have; use bf16"),
+                    lambda s: s.recipe.training.precision == "fp16" and s.strategy.backend == "fsdp2",
+                    lambda s: "fp16 with FSDP2 needs a sharded gradient scaler, which the runtime does not have; "
+                              "use bf16"),
     Incompatibility(("training", "weights_dtype"),
-                    lambda r, s: r.training.weights_dtype == "bf16" and s.backend == "deepspeed",
-                    "weights_dtype bf16 (pure bf16) with DeepSpeed: DeepSpeed always keeps an fp32 master copy"),
+                    lambda s: s.recipe.training.weights_dtype == "bf16" and s.strategy.backend == "deepspeed",
+                    lambda s: "weights_dtype bf16 (pure bf16) with DeepSpeed: DeepSpeed always keeps an fp32 master "
+                              "copy"),
     Incompatibility(("training", "optimizer"),
-                    lambda r, s: r.training.optimizer == "adamw-8bit" and s.optimizer_on != "gpu",
-                    "adamw-8bit with optimizer offload: offloaded states are stepped by DeepSpeed's or torch's "
-                    "CPU AdamW in fp32, not by bitsandbytes"),
+                    lambda s: s.recipe.training.optimizer == "adamw-8bit" and s.strategy.optimizer_on != "gpu",
+                    lambda s: "adamw-8bit with optimizer offload: offloaded states are stepped by DeepSpeed's or "
+                              "torch's CPU AdamW in fp32, not by bitsandbytes"),
+    Incompatibility(("method", "quant_type"),
+                    lambda s: _qlora(s) and s.recipe.method.quant_type != "nf4",
+                    lambda s: f"quant_type {s.recipe.method.quant_type}: the runtime's QLoRA base is NF4 (torchao)"),
+    Incompatibility(("method", "double_quant"),
+                    lambda s: _qlora(s) and not s.recipe.method.double_quant,
+                    lambda s: "double_quant false: the runtime's NF4 (torchao) always quantizes its block scales"),
+    Incompatibility(("method", "name"),
+                    lambda s: _qlora(s) and bool(_ragged_blocks(s)),
+                    lambda s: f"NF4 needs every decoder Linear's input width divisible by {NF4_BLOCK}: "
+                              f"{', '.join(_ragged_blocks(s))}"),
+    Incompatibility(("hardware", "gpus_per_node"),
+                    lambda s: _qlora(s) and s.strategy.backend == "fsdp2" and bool(_uneven_rows(s)),
+                    lambda s: f"FSDP2 shards NF4 weights by rows over {s.shard} GPUs, which must divide every "
+                              f"decoder Linear's output rows: {', '.join(_uneven_rows(s))}"),
 )
 
 
-def refusal(recipe: Recipe, strategy: Strategy) -> Incompatibility | None:
-    """Returns the first incompatibility of `recipe` under `strategy`, or None when the runtime can run it."""
-    return next((i for i in INCOMPATIBLE if i.applies(recipe, strategy)), None)
+def refusal(setting: Setting) -> tuple[tuple[str, ...], str] | None:
+    """Returns (recipe key, reason) for the first thing the runtime refuses in `setting`, or None."""
+    found = next((i for i in INCOMPATIBLE if i.applies(setting)), None)
+    return None if found is None else (found.key_path, found.reason(setting))

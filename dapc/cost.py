@@ -88,7 +88,8 @@ def step_time(
     elif strategy.hybrid:
         per_micro = 2 * param_bytes + (compute_bytes + 4) * n_t
         comm = _ring_seconds(per_micro * grad_accum, gpus_per_node, device.intra_node_gbps)
-        comm += 2 * _ring_seconds(4 * n_t / gpus_per_node, nodes, inter_node_gbps)
+        # The runtime syncs every micro-batch (runtime.fsdp.sync_every_micro_batch): the replicas' all-reduce too.
+        comm += 2 * _ring_seconds(4 * n_t / gpus_per_node, nodes, inter_node_gbps) * grad_accum
     else:  # parameters gathered for forward and again for backward, gradients reduce-scattered
         per_micro = 2 * param_bytes + (compute_bytes + 4) * n_t
         comm = _ring_seconds(per_micro * grad_accum, world_size, link)

@@ -25,10 +25,21 @@ NF4_CONSTANT_BITS_DOUBLE_QUANT = 8 / 64 + 32 / (64 * 256)
 NF4_CONSTANT_BITS_SINGLE = 32 / 64
 # bitsandbytes AdamW8bit: two uint8 states plus one fp32 absmax per 256-element block for each.
 ADAM8BIT_BYTES_PER_PARAM = 2 + 2 * 4 / 256
-# CUDA caching-allocator fragmentation on top of transient tensors (activations, logits, buffers),
-# with expandable_segments enabled by the rendered launch scripts; PyTorch's own guidance puts
-# fragmentation under expandable segments in the single-digit percent. Stated, checked on CPU only.
+# CUDA caching-allocator reserve beyond live tensors, as a share of the tensors that come and go within a
+# step (activations, logits, gathered parameters, scratch): what max_memory_reserved adds to
+# max_memory_allocated. With expandable segments (the rendered scripts' default) freed blocks are remapped
+# rather than split, and PyTorch's notes on them put the waste in the single digits of percent: 0.10 is kept
+# as a margin. Without them, published pairs of reserved vs allocated show far more: fsdp_qlora's LoRA 7B run
+# 10.22 vs 9.16 GiB (1.06 GiB over ~2.9 GiB of transients), fms-acceleration's Mistral-7B on 2 A100
+# 33.74 GiB allocated under 43.3 GiB on the device; 0.35 of the transients is taken.
 CUDA_FRAGMENTATION = 0.10
+CUDA_FRAGMENTATION_WITHOUT_EXPANDABLE_SEGMENTS = 0.35
+# Device memory outside PyTorch's caching allocator, which no torch counter shows but the card must hold:
+# the CUDA context with lazily loaded kernels (CUDA_MODULE_LOADING=LAZY, the default since torch 1.13),
+# about 0.5 GiB on A100/H100 hosts; NCCL's buffers per communicator, NCCL_BUFFSIZE (4 MiB, NCCL docs)
+# for send and receive on each of up to 32 channels: 256 MiB.
+CUDA_CONTEXT_BYTES = 512 * 1024**2
+NCCL_BYTES_PER_COMMUNICATOR = 2 * 4 * 1024**2 * 32
 # Resident memory of one CPU training process before its model: the interpreter, torch, transformers,
 # the gloo process group. Fitted as the intercept of the measured peaks of the tiny example under seven
 # configurations (fsdp2, zero2, zero3, ddp, lora, checkpointing, 4x the tokens): 560 MiB, each run within
@@ -72,6 +83,8 @@ class Workload:
     model_init: str = "pretrained"  # pretrained | random: how the runtime builds the base
     model_dtype: str = "bf16"  # recipe model.dtype
     weights_dtype: str = "fp32"  # recipe training.weights_dtype: fp32 master, or pure bf16
+    expandable_segments: bool = True  # the CUDA allocator mode the run uses
+    fsdp_embedding_units: str = "auto"  # recipe training.fsdp_embedding_units
     zero_fp32_grad_partition: bool = True
 
     @property
@@ -145,6 +158,14 @@ def weights(w: Workload) -> Figure:
         return Figure(0, f"parameters live on {w.strategy.params_on}; gathered per layer (see buffers)")
     trained = w.trainable_params * _trained_param_bytes(w)
     trained_formula = f"N_t·{_trained_param_bytes(w)}"
+    if w.method == "qlora" and w.strategy.backend == "deepspeed" and d > 1:
+        # The runtime hides the NF4 weights from DeepSpeed, which cannot move, cast or partition them: they stay
+        # whole on every rank; ZeRO-3 partitions only the rest.
+        nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
+        rest = (w.params.total - quantized_params(w.params)) * w.base_bytes
+        trained = w.trainable_params * _trained_param_bytes(w)
+        return Figure(nf4 + (rest + trained) // d,
+                      f"N_linear NF4 whole + ((N - N_linear)·{w.base_bytes} + N_t·{_trained_param_bytes(w)}) / D={d}")
     if w.method == "qlora":
         nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
         rest = (w.params.total - quantized_params(w.params)) * w.base_bytes
@@ -238,18 +259,52 @@ def layer_activation_bytes_per_token(w: Workload) -> int:
     return 2 * _norm_bytes_per_token(w) + attention + mlp + lora
 
 
-def activations(w: Workload) -> Figure:
-    """Returns bytes per GPU of activations kept for backward for one micro-batch."""
-    tokens = w.micro_batch * w.seq_len
-    layer = layer_activation_bytes_per_token(w) * tokens
+def _final_norm_and_rope_bytes_per_token(w: Workload) -> int:
     # The final norm (its output is what lm_head keeps) and RoPE's cos and sin, shared by all layers.
-    final_norm = (_norm_bytes_per_token(w) + 2 * w.compute_bytes * w.arch.head_dim) * tokens
+    return _norm_bytes_per_token(w) + 2 * w.compute_bytes * w.arch.head_dim
+
+
+def activations_kept(w: Workload) -> Figure:
+    """Returns bytes per GPU of activations held for backward once the forward of a micro-batch is done."""
+    tokens = w.micro_batch * w.seq_len
+    final_norm = _final_norm_and_rope_bytes_per_token(w) * tokens
     if w.activation_checkpointing:
-        # Korthikanti et al. §5 full recomputation: keep each layer's input (2·s·b·h per layer in fp16),
-        # then one layer's activations are live again while it is recomputed in backward.
+        # Korthikanti et al. §5 full recomputation: each checkpointed layer keeps only its input (c·s·b·h).
         kept = w.arch.num_layers * w.compute_bytes * w.arch.hidden_size * tokens
-        return Figure(kept + layer + final_norm, "L·c·s·b·h (layer inputs) + one layer recomputed + final norm, RoPE")
-    return Figure(w.arch.num_layers * layer + final_norm, "L·(per-layer inventory)·s·b + final norm, RoPE [Korthikanti 2022]")
+        return Figure(kept + final_norm, "L·c·s·b·h layer inputs + final norm, RoPE")
+    layers = w.arch.num_layers * layer_activation_bytes_per_token(w) * tokens
+    return Figure(layers + final_norm, "L·(per-layer inventory)·s·b + final norm, RoPE [Korthikanti 2022]")
+
+
+def layer_backward_bytes(w: Workload) -> Figure:
+    """Returns bytes per GPU live only while one decoder layer runs its backward: with checkpointing, that
+    layer's activations recomputed; always, the gradients flowing through it. Autograd frees each saved
+    tensor once its consumer's backward has run, so one layer's worth is the most alive at once.
+
+    Gradients: the layer output's gradient (c·h per token), and inside the SwiGLU MLP the gradients of
+    the product, of up and of silu(gate) alive together (3·c·i) [derived from the autograd graph of
+    transformers' LlamaMLP]."""
+    tokens = w.micro_batch * w.seq_len
+    c, a = w.compute_bytes, w.arch
+    grads = (c * a.hidden_size + 3 * c * a.intermediate_size) * tokens
+    flash, flash_text = _flash_backward_workspace_bytes_per_token(w) * tokens, ""
+    if flash:
+        flash_text = " + flash-attention backward workspace"
+    if not w.activation_checkpointing:
+        return Figure(grads + flash, "(c·h + 3·c·i)·s·b gradients in one layer's backward" + flash_text)
+    recomputed = layer_activation_bytes_per_token(w) * tokens
+    return Figure(recomputed + grads + flash,
+                  "one layer recomputed + (c·h + 3·c·i)·s·b gradients in its backward" + flash_text)
+
+
+def _flash_backward_workspace_bytes_per_token(w: Workload) -> int:
+    # CUDA SDPA's flash backward (aten's copy of flash-attn 2, flash_api.cpp mha_bwd) accumulates dq in fp32
+    # (4·h per token) and, under GQA, computes dk and dv at full head count before summing them (2·c·h).
+    if w.on_cpu:
+        return 0
+    a = w.arch
+    gqa = a.num_key_value_heads != a.num_attention_heads
+    return 4 * a.num_attention_heads * a.head_dim + (2 * w.compute_bytes * a.num_attention_heads * a.head_dim if gqa else 0)
 
 
 def logits(w: Workload) -> Figure:
@@ -264,21 +319,68 @@ def logits(w: Workload) -> Figure:
     return Figure(12 * w.arch.vocab_size * tokens, "12·s·b·V (fp32 log-softmax + its two gradients)")
 
 
-def _comm_buffer_bytes(w: Workload) -> tuple[int, str]:
+def separate_embedding_units(params: ParamCounts, choice: str = "auto") -> bool:
+    """Returns whether the runtime gives the embedding and the LM head FSDP2 units of their own (resharded
+    after use, as torchtitan does) rather than leaving them in the root unit, which FSDP2 keeps gathered from
+    forward through backward. Tied weights are one parameter and stay in the root."""
+    return not params.tied and choice != "root"
+
+
+def _lora_params_per_layer(w: Workload) -> int:
+    return 0 if w.method == "full" else w.trainable_params // w.arch.num_layers
+
+
+def layer_gathered_bytes(w: Workload) -> int:
+    """Returns bytes of one decoder layer as FSDP2 all-gathers it: its parameters in the param dtype (the
+    compute dtype), NF4 where QLoRA quantized them, plus its LoRA adapters."""
+    c, per_layer = w.compute_bytes, w.params.per_layer
+    lora = _lora_params_per_layer(w) * c
+    if w.method != "qlora":
+        return per_layer * c + lora
+    linear = sum(i * o for i, o in decoder_linear_shapes(w.arch).values())
+    return nf4_bytes(linear, w.nf4_double_quant) + (per_layer - linear) * c + lora
+
+
+def _layer_grad_bytes(w: Workload) -> int:
+    # FSDP2 computes a layer's unsharded gradients in the param dtype, then casts them to the fp32
+    # reduce dtype for the reduce-scatter: c + 4 bytes per trainable element (4 when computing in fp32).
+    trainable = w.params.per_layer if w.method == "full" else _lora_params_per_layer(w)
+    c = w.compute_bytes
+    return trainable * (c + (4 if c < 4 else 0))
+
+
+def _comm_buffer_bytes(w: Workload, phase: str) -> tuple[int, str]:
+    """Communication buffers and gathered parameters live in `phase` ("loss": the cross-entropy's backward,
+    every activation still held; "layer": the first decoder layer's backward)."""
     c, h, p = w.compute_bytes, w.arch.hidden_size, w.params
     s = w.strategy
     if s.backend == "ddp":
-        # Mixed precision through autocast keeps a compute-dtype copy of every weight for backward.
-        cast = w.params.total * c if c < 4 and w.method == "full" else 0
+        # Autocast casts every fp32 weight a matmul reads to the compute dtype and caches the copy for the
+        # whole forward and backward (torch.autocast weight cache).
+        fp32 = (w.trainable_params if w.loading.trained_dtype == "fp32" else 0) + (
+            w.frozen_params if w.method != "full" and w.loading.base_dtype == "fp32" else 0)
+        cast = fp32 * c if c < 4 else 0
         # The runtime sets gradient_as_bucket_view: DDP's buckets are the gradients, no second copy.
-        return cast, "DDP buckets are views of the gradients" + (" + N·c autocast weight copies" if cast else "")
+        return cast, "DDP buckets are views of the gradients" + (" + N_fp32·c autocast weight copies" if cast else "")
     if s.backend == "fsdp2":
-        # fully_shard per decoder layer: the running layer and the prefetched next are unsharded in
-        # param dtype; the root group (embedding, head, final norm) stays gathered through the step;
-        # one layer's gradients are unsharded (c) and upcast for the fp32 reduce-scatter (4).
-        root = (p.embedding + p.lm_head + h) * c
-        layers = 2 * p.per_layer * c + p.per_layer * (c + 4)
-        return root + layers, "(emb + head)·c + 2·layer·c all-gather + layer·(c+4) reduce-scatter"
+        # fully_shard per decoder layer, then the root: the root group is not resharded after forward
+        # (FSDP2's root heuristic), so what it holds stays gathered through backward. In the loss's backward
+        # the last layer is being prefetched; in a layer's backward that layer and the prefetched next are
+        # gathered, and the layer's gradients exist unsharded with their fp32 reduce copy.
+        layer = layer_gathered_bytes(w)
+        if separate_embedding_units(w.params, w.fsdp_embedding_units):
+            # Embedding and head are FSDP2 units of their own (resharded after use): in the loss's backward
+            # only the head is gathered; in the layers' backward neither (the embedding comes last).
+            root, root_text = (p.lm_head + h) * c if phase == "loss" else h * c, (
+                "head·c gathered" if phase == "loss" else "embedding and head resharded")
+            head_grad = 0  # reduce-scattered by the head's own unit right after its backward
+        else:
+            root, root_text = (p.embedding + p.lm_head + h) * c, "root (emb + head)·c gathered"
+            head_grad = p.lm_head * c if w.method == "full" else 0  # reduced with the root at the very end
+        if phase == "loss":
+            return root + layer, f"{root_text} + 1 layer prefetched"
+        return (root + 2 * layer + _layer_grad_bytes(w) + head_grad,
+                f"{root_text} + 2 layers gathered + 1 layer's grads·(c+4)" + (" + head grad·c" if head_grad else ""))
     # DeepSpeed with the bucket sizes the rendered ds_config sets (HF's `auto`: h² elements).
     reduce_bucket = h * h * c * 2
     if s.zero_stage == 3:
@@ -289,29 +391,59 @@ def _comm_buffer_bytes(w: Workload) -> tuple[int, str]:
     return reduce_bucket + allgather_bucket, "2·h²·c reduce + h²·c all-gather buckets"
 
 
-def buffers(w: Workload, transient_bytes: int) -> Figure:
-    """Returns bytes per GPU of communication buffers, quantization scratch and allocator overhead.
+@dataclass(frozen=True)
+class Peak:
+    """Bytes per GPU by component at the step's peak, which phase it is, and the allocator's share of buffers."""
 
-    `transient_bytes` is activations + logits: the allocations whose churn fragments memory.
-    """
-    comm, comm_formula = _comm_buffer_bytes(w)
-    # QLoRA: one Linear dequantized to the compute dtype at a time (bitsandbytes matmul_4bit).
-    scratch = _qlora_scratch(w)
-    scratch_formula = " + largest Linear dequantized" if scratch else ""
-    overhead, over_formula = _overhead(w, transient_bytes + comm + scratch)
-    return Figure(comm + scratch + overhead, comm_formula + scratch_formula + over_formula)
+    figures: dict[str, Figure]
+    phase: str
+    allocator_reserve_bytes: int
+    reclaimable_bytes: int = 0  # of the reserve: cached blocks the allocator frees and retries with before an OOM
+
+    @property
+    def total_bytes(self) -> int:
+        """All components at the peak."""
+        return sum(f.bytes for f in self.figures.values())
 
 
-def allocator_reserve(w: Workload, transient_bytes: int) -> int:
-    """Returns the part of `buffers` that the caching allocator reserves beyond what tensors occupy: what
-    `cuda.max_memory_reserved` counts and `cuda.max_memory_allocated` does not (0 on the CPU)."""
-    if w.on_cpu:
-        return 0
-    comm, _ = _comm_buffer_bytes(w)
-    return _overhead(w, transient_bytes + comm + _qlora_scratch(w))[0]
+PHASES = {"loss": "the loss's backward (all activations held, logits at their peak)",
+          "layer": "the first decoder layer's backward (logits freed)"}
+
+
+def peak(w: Workload) -> Peak:
+    """Returns the per-GPU peak of a training step: the model states, plus the larger of two moments.
+
+    Activations, logits and buffers do not peak together: at the loss's backward every activation is held
+    and the cross-entropy tensors are at their largest; in the first layer's backward the logits are gone
+    but that layer's recomputed activations, its gradients, the gathered layers and the dequantization
+    scratch are alive. Each component is reported as it is at the larger moment."""
+    states = {"weights": weights(w), "gradients": gradients(w), "optimizer": optimizer(w)}
+    kept = activations_kept(w)
+    candidates = []
+    for phase in PHASES:
+        comm, comm_formula = _comm_buffer_bytes(w, phase)
+        if phase == "loss":
+            acts, logit, scratch = kept, logits(w), 0
+        else:
+            extra = layer_backward_bytes(w)
+            acts = Figure(kept.bytes + extra.bytes, f"{kept.formula} + {extra.formula}")
+            logit, scratch = Figure(0, "freed before the decoder layers' backward"), _qlora_scratch(w)
+        transient = acts.bytes + logit.bytes
+        overhead, over_formula = _overhead(w, transient + comm + scratch)
+        scratch_formula = " + largest Linear dequantized" if scratch else ""
+        buffer = Figure(comm + scratch + overhead, comm_formula + scratch_formula + over_formula)
+        figures = {**states, "activations": acts, "logits": logit, "buffers": buffer}
+        # Without expandable segments the cache grows past need; on a failed cudaMalloc the allocator releases
+        # its unused cached blocks and retries (c10 CUDACachingAllocator), so only the expandable-segments
+        # share of waste decides whether the step fits.
+        reclaimable = 0 if w.on_cpu or w.expandable_segments else overhead - int(CUDA_FRAGMENTATION * (
+            transient + comm + scratch))
+        candidates.append(Peak(figures, phase, 0 if w.on_cpu else overhead, reclaimable))
+    return max(candidates, key=lambda c: c.total_bytes)
 
 
 def _qlora_scratch(w: Workload) -> int:
+    # One Linear dequantized to the compute dtype at a time (bitsandbytes matmul_4bit, torchao linear_nf4).
     if w.method != "qlora":
         return 0
     return max(i * o for i, o in decoder_linear_shapes(w.arch).values()) * w.compute_bytes
@@ -322,33 +454,52 @@ def _overhead(w: Workload, churn_bytes: int) -> tuple[int, str]:
         deepspeed = w.strategy.backend == "deepspeed"
         overhead = CPU_PROCESS_BASELINE_BYTES + (CPU_DEEPSPEED_EXTRA_BYTES if deepspeed else 0)
         return overhead, f" + {overhead // 1024**2} MiB process baseline{' with DeepSpeed' if deepspeed else ''} (measured)"
-    return int(CUDA_FRAGMENTATION * churn_bytes), f" + {CUDA_FRAGMENTATION}·(transient + comm) fragmentation"
+    share = CUDA_FRAGMENTATION if w.expandable_segments else CUDA_FRAGMENTATION_WITHOUT_EXPANDABLE_SEGMENTS
+    mode = "expandable segments" if w.expandable_segments else "no expandable segments"
+    return int(share * churn_bytes), f" + {share}·(transient + comm) allocator reserve ({mode})"
 
 
-def largest_tensor_params(arch: Architecture) -> int:
-    """Returns the elements of the model's largest single tensor: the embedding (or head) or the largest Linear."""
-    return max([arch.vocab_size * arch.hidden_size] + [i * o for i, o in decoder_linear_shapes(arch).values()])
+def outside_allocator(w: Workload) -> Figure:
+    """Returns device bytes outside PyTorch's allocator (CUDA context, NCCL buffers): not in any torch counter,
+    but on the card. 0 on the CPU device."""
+    if w.on_cpu:
+        return Figure(0, "no CUDA context on the CPU device")
+    communicators = 0 if w.world_size == 1 else (2 if w.strategy.hybrid and w.nodes > 1 else 1)
+    nccl = communicators * NCCL_BYTES_PER_COMMUNICATOR
+    return Figure(CUDA_CONTEXT_BYTES + nccl, f"CUDA context 512 MiB + {communicators} NCCL communicator(s) × 256 MiB")
+
+
+def largest_linear_params(arch: Architecture) -> int:
+    """Returns the elements of the largest decoder Linear weight (what the NF4 loader quantizes whole)."""
+    return max(i * o for i, o in decoder_linear_shapes(arch).values())
+
+
+# torchao's NF4 quantizer works through the weight in chunks of 2^20 values, holding each value's distance to
+# the 16 code points: 16·(2c) bytes per value plus indices (runtime/train/nf4.py; torchao nf4_tensor.py).
+_NF4_QUANTIZER_CHUNK = 1 << 20
 
 
 def load_peak(w: Workload) -> Figure:
     """Returns bytes on each device while the model loads: nonzero where loading holds more than the
     steady state's weights do (plan.json `loading.mode` says how the runtime loads).
 
-    - `meta-sharded-quantize` (QLoRA under FSDP2, the torchtune way): the model is built on the meta device
-      and sharded first; then each tensor is read from the checkpoint, quantized on the device and cut to this
-      rank's shard, so the peak is the rank's shard plus one whole tensor in the base dtype and its NF4 copy.
-    - `every-rank` QLoRA: bitsandbytes quantizes the whole base onto each device before any sharding.
+    - `meta-sharded-quantize` (QLoRA under FSDP2, the torchtune way, runtime/train/nf4.py): the model is built
+      on the meta device and sharded first; then tensor by tensor each rank reads only its rows of a
+      non-quantized tensor, and quantizes a Linear weight whole before keeping its rows. The peak is the
+      rank's shard, plus for the largest Linear (n values) its copy in the base dtype, a scaled copy and the
+      2-byte codes (n·(2c + 2)), its NF4, and the quantizer's chunk of distances (min(n, 2^20)·(32c + 8)).
+    - `every-rank` QLoRA (1 process, DDP, DeepSpeed): every rank quantizes and keeps the whole base.
     - Otherwise the model is whole on each rank only where the steady state holds it whole anyway (DDP,
       ZeRO-1/2), or arrives sharded (rank-0 broadcast, ZeRO-3 partitioning at creation).
     """
     if w.method != "qlora":
         return Figure(0, "no more than the steady state")
     if w.loading.mode == "meta-sharded-quantize":
-        one = largest_tensor_params(w.arch)
-        transient = one * w.base_bytes + nf4_bytes(one, w.nf4_double_quant)
+        n, c = largest_linear_params(w.arch), w.base_bytes
+        transient = n * (2 * c + 2) + nf4_bytes(n, w.nf4_double_quant) + min(n, _NF4_QUANTIZER_CHUNK) * (32 * c + 8)
         return Figure(weights(w).bytes + transient,
-                      "weights shard + largest tensor in the base dtype + its NF4 copy (meta-sharded loader)")
-    return Figure(gathered_param_bytes(w), "whole NF4 base on each device before sharding (every-rank loader)")
+                      "weights shard + largest Linear: n·(2c + 2) + NF4(n) + min(n, 2^20)·(32c + 8) quantizer")
+    return Figure(gathered_param_bytes(w), "whole NF4 base on each device (every-rank loader)")
 
 
 def _host_load(w: Workload) -> tuple[int, str]:

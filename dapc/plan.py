@@ -10,7 +10,7 @@ from dapc import __version__
 from dapc.cost import flops_per_token, run_cost
 from dapc.memory import GIB
 from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of
-from dapc.planner import COMPONENTS, Candidate, Decision
+from dapc.planner import COMPONENTS, Candidate, Decision, expandable_segments
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
 
@@ -31,8 +31,11 @@ def _memory(c: Candidate) -> dict[str, Any]:
         "headroom_bytes": c.headroom_bytes,
         "fits": c.fits,
         "misfit": c.misfit,
+        "peak_phase": c.peak_phase,
         "load_peak_bytes": c.load_peak_bytes,
         "allocator_reserve_bytes": c.allocator_reserve_bytes,
+        "reclaimable_bytes": c.reclaimable_bytes,
+        "outside_allocator_bytes": c.outside_allocator_bytes,
         "cpu_per_node_bytes": c.cpu_per_node_bytes,
         "nvme_per_node_bytes": c.nvme_per_node_bytes,
     }
@@ -48,6 +51,15 @@ def _paths(spec: Spec) -> dict[str, str]:
         "metrics_path": str(out / "metrics.jsonl"),
         "eval_dir": str(out / "eval"),
     }
+
+
+def _training_env(spec: Spec) -> dict[str, str]:
+    """The training processes' environment: the recipe's `launch.env`, plus the CUDA allocator mode the memory
+    model assumed (on GPUs, where the recipe does not set PYTORCH_CUDA_ALLOC_CONF itself)."""
+    env = dict(spec.recipe.launch.env)
+    if not spec.device.is_cpu and "PYTORCH_CUDA_ALLOC_CONF" not in env and expandable_segments(spec.recipe):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
 
 
 def build_plan(spec: Spec, decision: Decision) -> Plan:
@@ -144,6 +156,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "warmup_steps": round(t.warmup_fraction * run.steps), "total_steps": run.steps,
         },
         "runtime": {
+            "env": _training_env(spec),
             "backend": c.strategy.backend,
             "fsdp": fsdp_section(spec, c),
             "deepspeed": deepspeed_config(spec, c),

@@ -107,9 +107,15 @@ class Memory(_Part):
     headroom_bytes: int
     fits: bool
     misfit: str | None
+    peak_phase: Literal["loss", "layer"] = Field(description="When the step peaks: the loss's backward, or the "
+                                                 "first decoder layer's backward (dapc.memory.PHASES).")
     load_peak_bytes: int
     allocator_reserve_bytes: int = Field(description="Part of buffers the caching allocator holds beyond live "
                                          "tensors: total minus this predicts cuda.max_memory_allocated.")
+    reclaimable_bytes: int = Field(description="Of the allocator reserve, cached blocks released before an OOM "
+                                   "(without expandable segments): `fits` leaves them out.")
+    outside_allocator_bytes: int = Field(description="CUDA context and NCCL buffers: on the device, in no torch "
+                                         "counter; `fits` adds them to total.")
     cpu_per_node_bytes: int
     nvme_per_node_bytes: int
     counter: Counter
@@ -213,9 +219,12 @@ class FsdpSettings(_Part):
     param_dtype: TorchDtypeName
     reduce_dtype: TorchDtypeName
     cpu_offload: bool
+    separate_embedding_units: bool
+    sync_every_micro_batch: bool
 
 
 class RuntimeSettings(_Part):
+    env: dict[str, str] = Field(description="Environment of the training processes, as the launch files export it.")
     backend: Backend
     fsdp: FsdpSettings | None
     deepspeed: dict[str, Any] | None = Field(description="ds_config.json, passed to DeepSpeed as is.")
@@ -300,6 +309,10 @@ def load_plan(path: str | Path) -> Plan:
         plan = Plan.model_validate_json(data, strict=True)  # strict: true is not 1, "3" is not 3
     except ValidationError as e:
         raise PlanError(f"not a valid plan: {_first_error(e)}", where) from e
+    missing = _first_missing(raw, plan.model_dump(mode="json"))
+    if missing:
+        raise PlanError(f"not a valid plan: {missing}: missing (a plan is complete: no default is filled in at "
+                        "run time)", where)
     if sha256_of(plan.body()) != plan.plan_sha256:
         raise PlanError("plan_sha256 does not match the plan's content: it was edited after `dapc` wrote it; "
                         "change the recipe and render again", where)
@@ -326,6 +339,19 @@ def _check_consistent(plan: Plan, where: str) -> None:
         if covered != b.world_size:
             raise PlanError(f"runtime.fsdp.mesh {list(fsdp.mesh)} covers {covered} ranks ≠ world_size "
                             f"{b.world_size}", where)
+
+
+def _first_missing(raw: Any, typed: Any, path: str = "") -> str | None:
+    """The first key path present in `typed` (the validated plan) but absent from `raw` (the file): a key the
+    models would fill with a default."""
+    if isinstance(typed, dict) and isinstance(raw, dict):
+        for key, value in typed.items():
+            where = f"{path}.{key}" if path else key
+            if key not in raw:
+                return where
+            if (found := _first_missing(raw[key], value, where)) is not None:
+                return found
+    return None
 
 
 def _reject_constant(name: str) -> Any:

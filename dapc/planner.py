@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from math import ceil
 
 from dapc import cost, memory
-from dapc.compat import refusal
+from dapc.compat import Setting, refusal
 from dapc.errors import DapcError
 from dapc.loading import Loading
 from dapc.memory import GIB, Workload
@@ -38,6 +38,7 @@ class Candidate:
     activation_checkpointing: bool
     grad_accum: int
     figures: dict[str, memory.Figure]
+    peak_phase: str
     load_peak_bytes: int
     cpu_per_node_bytes: int
     nvme_per_node_bytes: int
@@ -48,6 +49,8 @@ class Candidate:
     step: cost.StepTime
     loading: Loading
     allocator_reserve_bytes: int
+    reclaimable_bytes: int
+    outside_allocator_bytes: int
 
     @property
     def total_bytes(self) -> int:
@@ -55,12 +58,19 @@ class Candidate:
         return sum(f.bytes for f in self.figures.values())
 
     @property
+    def fit_bytes(self) -> int:
+        """Bytes per GPU that must fit: the total less cached blocks the allocator would release before failing."""
+        return self.total_bytes - self.reclaimable_bytes
+
+    @property
     def misfit(self) -> str | None:
         """Why it does not fit, with the arithmetic; None when it fits."""
-        if self.total_bytes + self.headroom_bytes > self.capacity_bytes:
-            return (f"needs {self.total_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
-                    f"> {self.capacity_bytes / GIB:.1f} GiB")
-        if self.load_peak_bytes + self.headroom_bytes > self.capacity_bytes:
+        outside = self.outside_allocator_bytes
+        if self.fit_bytes + outside + self.headroom_bytes > self.capacity_bytes:
+            beside = f" + {outside / GIB:.1f} GiB CUDA context and NCCL" if outside else ""
+            return (f"needs {self.fit_bytes / GIB:.1f} GiB{beside} + {self.headroom_bytes / GIB:.1f} GiB headroom "
+                    f"per GPU > {self.capacity_bytes / GIB:.1f} GiB")
+        if self.load_peak_bytes + outside + self.headroom_bytes > self.capacity_bytes:
             return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
                     f"> {self.capacity_bytes / GIB:.1f} GiB")
         if self.cpu_per_node_bytes > self.cpu_ram_bytes:
@@ -130,22 +140,27 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: b
         lora_dropout=r.method.lora.dropout, lora_targets=tuple(r.method.lora.target_modules),
         nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu, model_init=r.model.init,
         model_dtype=r.model.dtype, weights_dtype=r.training.weights_dtype,
+        expandable_segments=expandable_segments(r), fsdp_embedding_units=r.training.fsdp_embedding_units,
     )
     return replace(workload, **changes) if changes else workload
+
+
+def _refusal(spec: Spec, strategy: Strategy, world_size: int | None = None) -> tuple[tuple[str, ...], str] | None:
+    return refusal(Setting(spec.recipe, strategy, spec.arch, world_size or spec.world_size))
+
+
+def expandable_segments(recipe) -> bool:
+    """Returns whether the training processes run with the expandable-segments CUDA allocator."""
+    conf = recipe.launch.env.get("PYTORCH_CUDA_ALLOC_CONF")
+    if conf is not None:
+        return "expandable_segments:true" in conf.replace(" ", "").lower()
+    return recipe.launch.cuda_expandable_segments
 
 
 def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bool, **changes) -> Candidate:
     """Returns the memory, host needs and modelled time of one configuration."""
     w = _workload(spec, strategy, micro_batch, checkpointing, **changes)
-    acts, logit = memory.activations(w), memory.logits(w)
-    figures = {
-        "weights": memory.weights(w),
-        "gradients": memory.gradients(w),
-        "optimizer": memory.optimizer(w),
-        "activations": acts,
-        "logits": logit,
-        "buffers": memory.buffers(w, acts.bytes + logit.bytes),
-    }
+    at_peak = memory.peak(w)
     hw = spec.recipe.hardware
     per_rank_sequences = spec.global_batch_sequences // w.world_size
     grad_accum = max(1, per_rank_sequences // micro_batch)
@@ -157,11 +172,12 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
     capacity = spec.device.memory_bytes
     return Candidate(
         strategy=strategy, micro_batch=micro_batch, activation_checkpointing=checkpointing, grad_accum=grad_accum,
-        figures=figures, load_peak_bytes=memory.load_peak(w).bytes, cpu_per_node_bytes=memory.host_per_node(w).bytes,
+        figures=at_peak.figures, peak_phase=at_peak.phase, load_peak_bytes=memory.load_peak(w).bytes, cpu_per_node_bytes=memory.host_per_node(w).bytes,
         nvme_per_node_bytes=memory.nvme_per_node(w).bytes, capacity_bytes=capacity,
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
         nvme_bytes=int(hw.nvme_gib * GIB), step=step, loading=w.loading,
-        allocator_reserve_bytes=memory.allocator_reserve(w, acts.bytes + logit.bytes),
+        allocator_reserve_bytes=at_peak.allocator_reserve_bytes, reclaimable_bytes=at_peak.reclaimable_bytes,
+        outside_allocator_bytes=memory.outside_allocator(w).bytes,
     )
 
 
@@ -220,9 +236,13 @@ def plan(spec: Spec) -> Decision:
     t = spec.recipe.training
     forced = spec.recipe.strategy != "auto"
     strategies = [STRATEGIES[spec.recipe.strategy]] if forced else [STRATEGIES[n] for n in PREFERENCE_ORDER]
-    if forced and (refused := refusal(spec.recipe, strategies[0])):
-        raise PlanInputError(f"{refused.reason} (strategy {spec.recipe.strategy})", refused.key_path)
-    strategies = [s for s in strategies if refusal(spec.recipe, s) is None]
+    if forced and (refused := _refusal(spec, strategies[0])):
+        raise PlanInputError(f"{refused[1]} (strategy {spec.recipe.strategy})", refused[0])
+    allowed = [s for s in strategies if _refusal(spec, s) is None]
+    if not allowed:
+        key, reason = _refusal(spec, strategies[0])
+        raise PlanInputError(f"no strategy the runtime can run: {reason}", key)
+    strategies = allowed
     checkpointing = [False, True] if t.activation_checkpointing == "auto" else [t.activation_checkpointing]
     micro_batches = micro_batch_choices(per_rank) if t.micro_batch == "auto" else [t.micro_batch]
     per_strategy: dict[str, list[Candidate]] = {}
@@ -268,15 +288,15 @@ def fewest_gpus(spec: Spec) -> FewestGpus | None:
     Per-GPU memory of a sharded strategy only falls as GPUs are added, so doubling then bisecting finds it."""
     pinned = spec.recipe.strategy
     names = [pinned] if pinned != "auto" and STRATEGIES[pinned].params_sharded else [
-        n for n in ("fsdp2-full", "zero3") if refusal(spec.recipe, STRATEGIES[n]) is None]
+        n for n in ("fsdp2-full", "zero3") if _refusal(spec, STRATEGIES[n]) is None]
     ckpt = spec.recipe.training.activation_checkpointing
     ckpt = True if ckpt == "auto" else ckpt
     gpn = spec.recipe.hardware.gpus_per_node
 
-    def best(world: int) -> Candidate | None:
+    def best(world: int, runnable_only: bool = False) -> Candidate | None:
         nodes, per_node = -(-world // gpn), min(world, gpn)
         cands = [evaluate(spec, STRATEGIES[n], 1, ckpt, world_size=world, nodes=nodes, gpus_per_node=per_node)
-                 for n in names]
+                 for n in names if not runnable_only or _refusal(spec, STRATEGIES[n], world) is None]
         fitting = [c for c in cands if c.fits]
         return min(fitting, key=lambda c: c.total_bytes) if fitting else None
 
@@ -289,8 +309,12 @@ def fewest_gpus(spec: Spec) -> FewestGpus | None:
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if best(middle) else (middle, high)
-    found = best(high)
-    return FewestGpus(high, found.strategy.name, found.activation_checkpointing, found.total_bytes)
+    # Some world sizes the runtime cannot run (NF4 rows that do not split evenly): the next one it can.
+    world = next((n for n in range(high, min(4 * high, MAX_GPUS) + 1) if best(n, runnable_only=True)), None)
+    if world is None:
+        return None
+    found = best(world, runnable_only=True)
+    return FewestGpus(world, found.strategy.name, found.activation_checkpointing, found.total_bytes)
 
 
 def _reason(chosen: Candidate, forced: bool, considered: int, fitting: int) -> str:

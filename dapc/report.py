@@ -6,7 +6,7 @@ from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
-from dapc.memory import GIB
+from dapc.memory import GIB, PHASES
 from dapc.plan_schema import Plan
 from dapc.planner import COMPONENTS
 
@@ -18,13 +18,16 @@ def _gib(n_bytes: int) -> str:
 def memory_table(plan: Plan) -> Table:
     """Returns the per-GPU memory table: GiB and formula per component, then total, headroom, capacity."""
     mem = plan.memory
-    table = Table(title=f"Memory per GPU ({escape(mem.counter)})", title_justify="left")
+    table = Table(title=f"Memory per GPU at the peak, {escape(PHASES[mem.peak_phase])} ({escape(mem.counter)})",
+                  title_justify="left")
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("formula", overflow="fold")
     for name in COMPONENTS:
         table.add_row(name, _gib(getattr(mem.per_gpu_bytes, name)), escape(getattr(mem.formulas, name)))
     table.add_row("[bold]total[/bold]", f"[bold]{_gib(mem.per_gpu_bytes.total)}[/bold]", "")
+    if mem.outside_allocator_bytes:
+        table.add_row("outside torch", _gib(mem.outside_allocator_bytes), "CUDA context + NCCL buffers (in no torch counter)")
     table.add_row("headroom", _gib(mem.headroom_bytes), "hardware.headroom_fraction of capacity")
     verdict = "[green]fits[/green]" if mem.fits else f"[red]does not fit[/red]: {escape(mem.misfit or '')}"
     table.add_row("capacity", _gib(mem.device_capacity_bytes), verdict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dapc.dtypes import TORCH_DTYPE_NAMES
+from dapc.memory import separate_embedding_units
 from dapc.planner import Candidate
 from dapc.resolve import Spec
 
@@ -22,6 +23,11 @@ def fsdp_section(spec: Spec, chosen: Candidate) -> dict[str, Any] | None:
         "param_dtype": TORCH_DTYPE_NAMES[spec.recipe.training.precision],
         "reduce_dtype": "float32",
         "cpu_offload": s.params_on == "cpu",
+        # Embedding and head as units of their own, resharded after use (dapc.memory counts this).
+        "separate_embedding_units": separate_embedding_units(spec.params, spec.recipe.training.fsdp_embedding_units),
+        # Reduce-scatter every micro-batch: skipping the sync would accumulate *unsharded* gradients of
+        # every layer across micro-batches (FSDP2 set_requires_gradient_sync), N·c bytes per rank.
+        "sync_every_micro_batch": True,
     }
 
 

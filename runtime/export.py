@@ -4,7 +4,9 @@ Runs in one process (rank 0 at the end of training, or `python -m runtime.export
 latest checkpoint), with no collectives: the trained tensors are read back from the checkpoint itself, DCP
 through `no_dist` loading (a checkpoint of any world size loads into one process) and DeepSpeed through its
 `zero_to_fp32` consolidation (the fp32 master weights). The model they load into is rebuilt from the plan:
-the same seeded or pretrained base, unquantized, with the same LoRA modules.
+the same seeded or pretrained base, unquantized, with the same LoRA modules; for adapters alone (LoRA or
+QLoRA without `merge_lora`) only the base's structure, on the meta device, so that exporting the adapters of
+a 405B base reads and holds none of its weights.
 
 Layout of `paths.export_dir`:
 - full training: the model (`config.json`, `model.safetensors`, generation config) and the tokenizer.
@@ -31,7 +33,7 @@ from runtime.checkpoint import CheckpointError, check_plan, latest_checkpoint
 from runtime.tokenizer import load_tokenizer
 from runtime.train.config import TrainPlan, load_plan
 from runtime.train.engines import DCP_DIR, DEEPSPEED_DIR
-from runtime.train.model import DTYPES, base_model
+from runtime.train.model import DTYPES, base_model, base_skeleton
 
 __all__ = ["export_model", "main", "trained_state"]
 
@@ -47,7 +49,9 @@ def export_model(plan: TrainPlan, checkpoint: Path) -> Path:
     missing = sorted(expected - state.keys())
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[0]}", str(checkpoint))
-    model.load_state_dict(state, strict=False)
+    # Into a meta skeleton the tensors must be assigned; into a real model they are copied, which keeps tied
+    # weights (embedding and head) tied.
+    model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
     target = Path(plan.export_dir)
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -85,8 +89,8 @@ def trained_state(plan: TrainPlan, checkpoint: Path, model: nn.Module) -> dict[s
             str(checkpoint), tag=DEEPSPEED_DIR, exclude_frozen_parameters=plan.method != "full"))
     import torch.distributed.checkpoint as dcp
 
-    wanted = {name: p.detach().clone() for name, p in model.named_parameters()
-              if plan.method == "full" or p.requires_grad}
+    wanted = {name: torch.empty(p.shape, dtype=p.dtype) if p.is_meta else p.detach().clone()
+              for name, p in model.named_parameters() if plan.method == "full" or p.requires_grad}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({"model": wanted}, checkpoint_id=str(checkpoint / DCP_DIR), no_dist=True)  # raises on a missing key
@@ -94,7 +98,10 @@ def trained_state(plan: TrainPlan, checkpoint: Path, model: nn.Module) -> dict[s
 
 
 def _rebuild(plan: TrainPlan) -> nn.Module:
-    model = base_model(plan).float()
+    if plan.method != "full" and not plan.merge_lora:
+        model = base_skeleton(plan)  # the adapters' names and shapes are all an adapter export needs
+    else:
+        model = base_model(plan).float()
     if plan.method == "full":
         return model
     from peft import LoraConfig, get_peft_model

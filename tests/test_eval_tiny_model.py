@@ -183,4 +183,4 @@ def test_command_line_exits_2_with_the_located_message_for_a_bad_file(models, tm
     bad.write_text('[{"question": "q"}')
     code = main(["--model", str(models[0]), "--benchmark", f"seceval={bad}", "--out", str(tmp_path / "out")])
     assert code == 2
-    assert capsys.readouterr().err == f"{bad}:1:19: not valid JSON: Expecting ',' delimiter\n"
+    assert capsys.readouterr().err == f"error: {bad}:1:19: not valid JSON: Expecting ',' delimiter\n"

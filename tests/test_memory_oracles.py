@@ -65,7 +65,7 @@ def test_zero3_model_states_match_deepspeed_estimator(gpus_per_node, nodes):
     # DeepSpeed counts the gathered largest layer (params + grads, 2 B each) with the model states;
     # the memory model holds it in `buffers` and names it there.
     assert largest_layer_bytes == 4 * params.largest_layer
-    assert "4·largest_layer" in memory.buffers(w, 0).formula
+    assert "4·largest_layer" in memory.peak(w).figures["buffers"].formula
     assert _model_states(w) + largest_layer_bytes == pytest.approx(ds_gpu, abs=2)
 
 

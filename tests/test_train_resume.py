@@ -42,4 +42,6 @@ def test_plan_missing_a_key_exits_2_with_one_line_and_no_traceback(tmp_path: Pat
     path.write_text(json.dumps(rehash(plan)))
     done = subprocess.run([sys.executable, "-m", "runtime.train", "--plan", str(path)], cwd=REPO, env=run_env(),
                           capture_output=True, text=True, timeout=120, check=False)
-    assert (done.returncode, done.stdout, done.stderr) == (2, "", f"error: {path}: not a valid plan: recipe.training.lr: Field required\n")
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2, "", f"error: {path}: not a valid plan: recipe.training.lr: missing (a plan is complete: no default is "
+               "filled in at run time)\n")

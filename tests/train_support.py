@@ -23,10 +23,10 @@ RUN_TIMEOUT_SECONDS = 300
 
 
 def run_env(plan_path: Path | None = None) -> dict[str, str]:
-    """The environment the rendered launch script gives the trainer: the recipe's `launch.env`."""
+    """The environment the rendered launch script gives the trainer: the plan's `runtime.env`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DAPC_DIST_TIMEOUT_SECONDS": "120", "PYTHONUNBUFFERED": "1"}
     if plan_path is not None:
-        env.update(read_plan(plan_path)["recipe"]["launch"]["env"])
+        env.update(read_plan(plan_path)["runtime"]["env"])
     return env
 
 

@@ -33,7 +33,7 @@ STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-def
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -111,6 +111,13 @@ class TrainingSection(Section):
     activation_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="Recompute activations in backward; `auto` lets the planner pick."
     )
+    fsdp_embedding_units: Literal["auto", "separate", "root"] = Field(
+        "auto",
+        description="FSDP2: give the embedding and the LM head units of their own, resharded after use "
+        "(`separate`, as torchtitan does: less memory, one more all-gather of each in backward), or leave them "
+        "in the root unit, which stays gathered from forward through backward (`root`). `auto`: separate "
+        "unless the embeddings are tied.",
+    )
     optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="AdamW, or bitsandbytes 8-bit AdamW.")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of `lr`.")
@@ -181,6 +188,9 @@ class LaunchSection(Section):
     container_image: str | None = Field(None, description="Image for the Kubernetes PyTorchJob.")
     namespace: SafeName = Field("default", description="Kubernetes namespace.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for training.")
+    cuda_expandable_segments: bool = Field(
+        True, description="Run with PyTorch's expandable-segments CUDA allocator (less fragmentation); the memory "
+        "model assumes what this says. Ignored where launch.env sets PYTORCH_CUDA_ALLOC_CONF.")
     slurm: SlurmSection = Field(default_factory=SlurmSection, description="SLURM settings.")
 
     @field_validator("env")

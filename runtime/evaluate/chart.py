@@ -36,8 +36,9 @@ def write_chart(rows: list[Row], path: Path, model_label: str, base_label: str |
             intervals = [getattr(row, f"{which}_ci95") for row in group]
             errors = (
                 [
-                    [v - ci[0] for v, ci in zip(values, intervals, strict=True)],
-                    [ci[1] - v for v, ci in zip(values, intervals, strict=True)],
+                    # max(0, ...): at 0% or 100% the Wilson bound equals the value up to float rounding
+                    [max(0.0, v - ci[0]) for v, ci in zip(values, intervals, strict=True)],
+                    [max(0.0, ci[1] - v) for v, ci in zip(values, intervals, strict=True)],
                 ]
                 if all(intervals)
                 else None

@@ -34,6 +34,8 @@ class FsdpSettings:
     param_dtype: str  # torch dtype name
     reduce_dtype: str
     cpu_offload: bool
+    separate_embedding_units: bool  # embedding and LM head as FSDP2 units of their own
+    sync_every_micro_batch: bool  # reduce-scatter each micro-batch (no unsharded gradient accumulation)
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         backend=plan.runtime.backend,
         fsdp=None if fsdp is None else FsdpSettings(
             tuple(fsdp.mesh), tuple(fsdp.mesh_dims), fsdp.reshard_after_forward, fsdp.param_dtype,
-            fsdp.reduce_dtype, fsdp.cpu_offload),
+            fsdp.reduce_dtype, fsdp.cpu_offload, fsdp.separate_embedding_units, fsdp.sync_every_micro_batch),
         deepspeed=plan.runtime.deepspeed,
         checkpoint_every_steps=r.checkpoint.every_steps,
         keep_last=r.checkpoint.keep_last,

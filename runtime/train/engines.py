@@ -33,11 +33,13 @@ from .config import PlanError, TrainPlan
 from .model import (
     DTYPES,
     PENDING_LOAD,
+    QuantizedBase,
     RankZeroWeights,
     compute_dtype,
     decoder_layers,
     non_persistent_buffers,
 )
+from .nf4 import is_nf4, unshardable_nf4
 from .optim import build_optimizer, param_groups
 
 __all__ = ["DCP_DIR", "DEEPSPEED_DIR", "DeepSpeedEngine", "Engine", "TorchEngine", "make_engine"]
@@ -89,6 +91,9 @@ class TorchEngine(Engine):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
+            # Every rank read the same frozen NF4 base from the checkpoint: DDP need not broadcast it from rank 0.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, [name for name, p in model.named_parameters() if is_nf4(p)])
             # The buckets are views of the gradients: no second copy of them (dapc.memory assumes this).
             self.model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
             mixed = plan.precision != "fp32"
@@ -100,7 +105,8 @@ class TorchEngine(Engine):
 
     def micro_step(self, input_ids: torch.Tensor, last: bool) -> torch.Tensor:
         if self.plan.backend == "fsdp2":
-            self.model.set_requires_gradient_sync(last)
+            # Skipping the sync would accumulate every layer's *unsharded* gradients until the last micro-batch.
+            self.model.set_requires_gradient_sync(last or self.plan.fsdp.sync_every_micro_batch)
             sync = contextlib.nullcontext()
         else:
             sync = contextlib.nullcontext() if last else self.model.no_sync()
@@ -145,7 +151,7 @@ class TorchEngine(Engine):
     def _state(self) -> dict[str, Any]:
         """What a checkpoint holds: model and optimizer states; for LoRA the adapters only (the frozen base is
         rebuilt from the plan). The adapters are taken as parameters rather than through `model.state_dict()`,
-        which for a 4-bit base also serializes (and on the CPU may re-pack) bitsandbytes' quantization state."""
+        which for a 4-bit base would also hold the NF4 weights."""
         if self.plan.method == "full":
             model_state = get_model_state_dict(self.model, options=self._options)
         else:
@@ -179,12 +185,25 @@ def _apply_fsdp2(plan: TrainPlan, model: nn.Module, device: torch.device) -> Non
         # Pinned host memory needs an accelerator; on the CPU device the offload is a no-op placement anyway.
         "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if s.cpu_offload else OffloadPolicy(),
     }
+    pending = model.__dict__.get(PENDING_LOAD)
+    uneven = unshardable_nf4(model, s.mesh[-1]) if isinstance(pending, QuantizedBase) else []
+    if uneven:
+        raise PlanError(f"FSDP2 shards NF4 weights by rows over {s.mesh[-1]} ranks, which must divide out_features: "
+                        f"{', '.join(uneven[:3])}{' ...' if len(uneven) > 3 else ''}", plan.path)
+    # Order: each decoder layer, then (untied) the embedding and the head as units of their own so that they
+    # are resharded after use rather than held gathered by the root through backward, then the root.
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
+    if s.separate_embedding_units:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            fully_shard(module, **options)
     fully_shard(model, **options)
     pending = model.__dict__.pop(PENDING_LOAD, None)
-    if pending is not None:
-        _load_from_rank0(model, pending, torch.device("cpu") if s.cpu_offload else device)
+    target = torch.device("cpu") if s.cpu_offload else device
+    if isinstance(pending, RankZeroWeights):
+        _load_from_rank0(model, pending, target)
+    elif isinstance(pending, QuantizedBase):
+        pending.load(model, target)  # each rank reads, quantizes and keeps its own shards
 
 
 def _load_from_rank0(model: nn.Module, weights: RankZeroWeights, device: torch.device) -> None:
@@ -209,6 +228,7 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         self.plan = plan
+        _unregister_nf4(model)
         optimizer = build_optimizer(plan, param_groups(model, plan.weight_decay))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.deepspeed,
                                                dist_init_required=False)
@@ -238,6 +258,18 @@ class DeepSpeedEngine(Engine):
                                               load_module_strict=not self._frozen_excluded)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {folder / DEEPSPEED_DIR}")
+
+
+def _unregister_nf4(model: nn.Module) -> None:
+    """Turns the frozen NF4 weights of a QLoRA base into plain attributes, out of DeepSpeed's sight: DeepSpeed
+    moves, casts, broadcasts and (ZeRO-3) partitions every parameter, none of which an NF4 tensor supports.
+    Every rank read the same weights from the checkpoint, so they stay whole and identical on each; the
+    Linear layers use them as before (`NF4Linear.forward` reads `self.weight`, registered or not)."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and is_nf4(param):
+                del module._parameters[name]
+                setattr(module, name, param.detach())
 
 
 def init_deepspeed_distributed(timeout: timedelta) -> None:

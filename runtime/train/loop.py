@@ -33,6 +33,7 @@ from .distributed import Distributed, init_distributed, shutdown_distributed
 from .engines import Engine, init_deepspeed_distributed, make_engine
 from .metrics import MetricsLog, mfu
 from .model import build_model
+from .nf4 import NF4Linear
 from .optim import lr_at
 
 __all__ = ["train"]
@@ -145,8 +146,7 @@ def _param_counts(model: torch.nn.Module) -> dict[str, int]:
         n = getattr(param, "ds_numel", param.numel())  # ZeRO-3 placeholders are empty
         counts["params"] += n
         counts["trainable_params"] += n if param.requires_grad else 0
-    counts["quantized_linears"] = sum(  # bitsandbytes' own class; peft's wrapper shares its name
-        type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+    counts["quantized_linears"] = sum(isinstance(m, NF4Linear) for m in model.modules())
     return counts
 
 
