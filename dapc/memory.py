@@ -143,7 +143,8 @@ def _uses_master_copy(w: Workload) -> bool:
     return w.strategy.backend == "deepspeed" and w.loading.trained_dtype != "fp32"
 
 
-def _trained_param_bytes(w: Workload) -> int:
+def trained_param_bytes(w: Workload) -> int:
+    """Returns bytes per element of the trained parameters as the backend stores them."""
     return DTYPE_BYTES[w.loading.trained_dtype]
 
 
@@ -156,16 +157,16 @@ def weights(w: Workload) -> Figure:
     d = w.shard if w.strategy.params_sharded else 1
     if not _on_gpu(w.strategy.params_on):
         return Figure(0, f"parameters live on {w.strategy.params_on}; gathered per layer (see buffers)")
-    trained = w.trainable_params * _trained_param_bytes(w)
-    trained_formula = f"N_t·{_trained_param_bytes(w)}"
+    trained = w.trainable_params * trained_param_bytes(w)
+    trained_formula = f"N_t·{trained_param_bytes(w)}"
     if w.method == "qlora" and w.strategy.backend == "deepspeed" and d > 1:
         # The runtime hides the NF4 weights from DeepSpeed, which cannot move, cast or partition them: they stay
         # whole on every rank; ZeRO-3 partitions only the rest.
         nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
         rest = (w.params.total - quantized_params(w.params)) * w.base_bytes
-        trained = w.trainable_params * _trained_param_bytes(w)
+        trained = w.trainable_params * trained_param_bytes(w)
         return Figure(nf4 + (rest + trained) // d,
-                      f"N_linear NF4 whole + ((N - N_linear)·{w.base_bytes} + N_t·{_trained_param_bytes(w)}) / D={d}")
+                      f"N_linear NF4 whole + ((N - N_linear)·{w.base_bytes} + N_t·{trained_param_bytes(w)}) / D={d}")
     if w.method == "qlora":
         nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
         rest = (w.params.total - quantized_params(w.params)) * w.base_bytes
@@ -196,7 +197,7 @@ def gradients(w: Workload) -> Figure:
         return Figure(0, "gradients are moved to the offload device each step (see buffers)")
     n_t, d = w.trainable_params, w.shard if w.strategy.grads_sharded else 1
     if not _uses_master_copy(w):
-        t, name = _trained_param_bytes(w), w.loading.trained_dtype
+        t, name = trained_param_bytes(w), w.loading.trained_dtype
         return Figure(n_t * t // d, f"N_t·{t} / D={d} ({name} gradients of {name} parameters)")
     c = w.compute_bytes
     if not w.zero_fp32_grad_partition:
@@ -208,9 +209,10 @@ def gradients(w: Workload) -> Figure:
                   f"N_t·{c} / D={d} 16-bit + N_t·4 / D={shard} fp32 partition [DeepSpeed stage_1_and_2 estimator]")
 
 
-def _optimizer_bytes_per_param(w: Workload) -> tuple[float, str]:
+def optimizer_bytes_per_param(w: Workload) -> tuple[float, str]:
+    """Returns optimizer bytes per trainable parameter (moments, plus DeepSpeed's fp32 master) and the formula."""
     # torch AdamW keeps m and v in the parameter's dtype (`zeros_like(param)`): fp32, or bf16 when pure bf16.
-    moment = 2 * _trained_param_bytes(w) if not _uses_master_copy(w) else 8
+    moment = 2 * trained_param_bytes(w) if not _uses_master_copy(w) else 8
     states = ADAM8BIT_BYTES_PER_PARAM if w.optimizer == "adamw-8bit" else float(moment)
     states_text = ("2.03 (8-bit m, v + block absmax)" if w.optimizer == "adamw-8bit"
                    else f"{moment} ({'fp32' if moment == 8 else 'bf16'} m, v)")
@@ -221,7 +223,7 @@ def _optimizer_bytes_per_param(w: Workload) -> tuple[float, str]:
 
 def optimizer(w: Workload) -> Figure:
     """Returns bytes per GPU of optimizer state (AdamW moments, plus the fp32 master copy under ZeRO)."""
-    per_param, text = _optimizer_bytes_per_param(w)
+    per_param, text = optimizer_bytes_per_param(w)
     if w.strategy.optimizer_on != "gpu":
         return Figure(0, f"optimizer states on {w.strategy.optimizer_on}")
     d = w.shard if w.strategy.optimizer_sharded else 1
@@ -467,75 +469,3 @@ def outside_allocator(w: Workload) -> Figure:
     communicators = 0 if w.world_size == 1 else (2 if w.strategy.hybrid and w.nodes > 1 else 1)
     nccl = communicators * NCCL_BYTES_PER_COMMUNICATOR
     return Figure(CUDA_CONTEXT_BYTES + nccl, f"CUDA context 512 MiB + {communicators} NCCL communicator(s) × 256 MiB")
-
-
-def largest_linear_params(arch: Architecture) -> int:
-    """Returns the elements of the largest decoder Linear weight (what the NF4 loader quantizes whole)."""
-    return max(i * o for i, o in decoder_linear_shapes(arch).values())
-
-
-# torchao's NF4 quantizer works through the weight in chunks of 2^20 values, holding each value's distance to
-# the 16 code points: 16·(2c) bytes per value plus indices (runtime/train/nf4.py; torchao nf4_tensor.py).
-_NF4_QUANTIZER_CHUNK = 1 << 20
-
-
-def load_peak(w: Workload) -> Figure:
-    """Returns bytes on each device while the model loads: nonzero where loading holds more than the
-    steady state's weights do (plan.json `loading.mode` says how the runtime loads).
-
-    - `meta-sharded-quantize` (QLoRA under FSDP2, the torchtune way, runtime/train/nf4.py): the model is built
-      on the meta device and sharded first; then tensor by tensor each rank reads only its rows of a
-      non-quantized tensor, and quantizes a Linear weight whole before keeping its rows. The peak is the
-      rank's shard, plus for the largest Linear (n values) its copy in the base dtype, a scaled copy and the
-      2-byte codes (n·(2c + 2)), its NF4, and the quantizer's chunk of distances (min(n, 2^20)·(32c + 8)).
-    - `every-rank` QLoRA (1 process, DDP, DeepSpeed): every rank quantizes and keeps the whole base.
-    - Otherwise the model is whole on each rank only where the steady state holds it whole anyway (DDP,
-      ZeRO-1/2), or arrives sharded (rank-0 broadcast, ZeRO-3 partitioning at creation).
-    """
-    if w.method != "qlora":
-        return Figure(0, "no more than the steady state")
-    if w.loading.mode == "meta-sharded-quantize":
-        n, c = largest_linear_params(w.arch), w.base_bytes
-        transient = n * (2 * c + 2) + nf4_bytes(n, w.nf4_double_quant) + min(n, _NF4_QUANTIZER_CHUNK) * (32 * c + 8)
-        return Figure(weights(w).bytes + transient,
-                      "weights shard + largest Linear: n·(2c + 2) + NF4(n) + min(n, 2^20)·(32c + 8) quantizer")
-    return Figure(gathered_param_bytes(w), "whole NF4 base on each device (every-rank loader)")
-
-
-def _host_load(w: Workload) -> tuple[int, str]:
-    ranks, n = min(w.gpus_per_node, w.world_size), w.params.total
-    full = 4 if w.method == "full" else w.base_bytes
-    mode = w.loading.mode
-    if w.method == "qlora" or mode == "zero3-init":
-        # Streams from mmap'd safetensors to the device (QLoRA) or partitions at creation (ZeRO-3):
-        # at most the file pages, shared through the page cache.
-        return n * w.base_bytes, "N·c checkpoint pages"
-    if mode == "rank0-broadcast":
-        return n * full, f"N·{full} on rank 0, which loads and broadcasts the shards"
-    return ranks * n * full, f"{ranks} ranks × N·{full}: each rank builds the whole model before wrapping"
-
-
-def host_per_node(w: Workload) -> Figure:
-    """Returns CPU RAM per node: the model as the runtime loads it, plus offloaded states."""
-    s, n_t = w.strategy, w.trainable_params
-    load, load_formula = _host_load(w)
-    offloaded, parts = 0, [load_formula]
-    if s.optimizer_on == "cpu":
-        per_param, text = _optimizer_bytes_per_param(w)
-        offloaded += int(n_t * (per_param + 4)) // w.nodes
-        parts.append(f"N_t·({text} + 4 fp32 grads) / nodes")
-    if s.params_on == "cpu":
-        offloaded += n_t * _trained_param_bytes(w) // w.nodes
-        parts.append("N·c params / nodes")
-    # Loading comes first and its copies are freed before the offloaded states exist.
-    formula = f"max({parts[0]}, {' + '.join(parts[1:])})" if offloaded else parts[0]
-    return Figure(max(load, offloaded), formula)
-
-
-def nvme_per_node(w: Workload) -> Figure:
-    """Returns NVMe bytes per node used by ZeRO-Infinity (params and optimizer states swapped out)."""
-    if w.strategy.optimizer_on != "nvme":
-        return Figure(0, "no NVMe offload")
-    per_param, text = _optimizer_bytes_per_param(w)
-    total = int(w.trainable_params * (per_param + w.compute_bytes)) // w.nodes
-    return Figure(total, f"N·({text} + c) / nodes")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from math import ceil
 
-from dapc import cost, memory
+from dapc import cost, memory, memory_loading
 from dapc.compat import Setting, refusal
 from dapc.errors import DapcError
 from dapc.loading import Loading
@@ -172,8 +172,8 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
     capacity = spec.device.memory_bytes
     return Candidate(
         strategy=strategy, micro_batch=micro_batch, activation_checkpointing=checkpointing, grad_accum=grad_accum,
-        figures=at_peak.figures, peak_phase=at_peak.phase, load_peak_bytes=memory.load_peak(w).bytes, cpu_per_node_bytes=memory.host_per_node(w).bytes,
-        nvme_per_node_bytes=memory.nvme_per_node(w).bytes, capacity_bytes=capacity,
+        figures=at_peak.figures, peak_phase=at_peak.phase, load_peak_bytes=memory_loading.load_peak(w).bytes,
+        cpu_per_node_bytes=memory_loading.host_per_node(w).bytes, nvme_per_node_bytes=memory_loading.nvme_per_node(w).bytes, capacity_bytes=capacity,
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
         nvme_bytes=int(hw.nvme_gib * GIB), step=step, loading=w.loading,
         allocator_reserve_bytes=at_peak.allocator_reserve_bytes, reclaimable_bytes=at_peak.reclaimable_bytes,

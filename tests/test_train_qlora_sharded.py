@@ -85,7 +85,7 @@ def test_fsdp2_ranks_load_their_nf4_shard_plus_one_tensor_not_the_whole_base(pro
         # An upper bound: the largest weight's transients need not coincide with the last shard loaded.
         assert shards < measured < 1.05 * predicted + 2 * MIB
         assert measured < whole + rank["quantizer_workspace_bytes"]  # what loading the whole base would need
-        planned = probe["plan_load_peak_bytes"]  # dapc.memory.load_peak: what the plan promises for loading
+        planned = probe["plan_load_peak_bytes"]  # dapc.memory_loading.load_peak: what the plan promises
         print(f"rank {rank['rank']}: plan's loading peak {planned / MIB:.1f} MiB, measured/planned "
               f"{measured / planned:.3f}")
         assert 0.85 <= measured / planned <= 1.15
