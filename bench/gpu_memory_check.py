@@ -65,7 +65,8 @@ def main() -> int:
         if index == 0:
             subprocess.run([sys.executable, "-m", "runtime.prepare", "--plan", str(path), "--no-progress"],
                            cwd=REPO, env=env, check=True)
-        done = subprocess.run([sys.executable, "-m", "runtime.train", "--plan", str(path)], cwd=REPO, env=env,
+        done = subprocess.run([sys.executable, "-m", "runtime.train", "--plan", str(path)], cwd=REPO,
+                              env={**env, **plan.runtime.env},
                               capture_output=True, text=True)
         (scratch / f"train-{index}.log").write_text(done.stdout + done.stderr)
         memory = [json.loads(line) for line in Path(plan.paths.metrics_path).read_text().splitlines()

@@ -67,6 +67,14 @@ INCOMPATIBLE: tuple[Incompatibility, ...] = (
     Incompatibility(("method", "double_quant"),
                     lambda s: _qlora(s) and not s.recipe.method.double_quant,
                     lambda s: "double_quant false: the runtime's NF4 (torchao) always quantizes its block scales"),
+    Incompatibility(("strategy",),
+                    lambda s: _qlora(s) and s.strategy.backend == "deepspeed" and s.strategy.params_on != "gpu",
+                    lambda s: "QLoRA with DeepSpeed parameter offload: the NF4 base is kept out of DeepSpeed's reach "
+                              "(it cannot move or partition NF4), so it would stay whole on every GPU"),
+    Incompatibility(("training", "fsdp_embedding_units"),
+                    lambda s: s.recipe.training.fsdp_embedding_units == "separate" and s.arch.tie_word_embeddings,
+                    lambda s: "fsdp_embedding_units separate: this model ties its embedding and LM head (one "
+                              "parameter), which can only live in one FSDP2 unit; use auto or root"),
     Incompatibility(("method", "name"),
                     lambda s: _qlora(s) and bool(_ragged_blocks(s)),
                     lambda s: f"NF4 needs every decoder Linear's input width divisible by {NF4_BLOCK}: "

@@ -117,7 +117,7 @@ class Workload:
 def quantized_params(params: ParamCounts) -> int:
     """Returns the parameters QLoRA stores in NF4: the decoder Linear layers (attention and MLP).
 
-    Embeddings, norms and the LM head stay in the compute dtype (bitsandbytes skips `lm_head`).
+    Embeddings, norms and the LM head stay in the base dtype (runtime/train/nf4.py quantizes decoder Linears only).
     """
     return params.attention + params.mlp
 
@@ -164,7 +164,6 @@ def weights(w: Workload) -> Figure:
         # whole on every rank; ZeRO-3 partitions only the rest.
         nf4 = nf4_bytes(quantized_params(w.params), w.nf4_double_quant)
         rest = (w.params.total - quantized_params(w.params)) * w.base_bytes
-        trained = w.trainable_params * trained_param_bytes(w)
         return Figure(nf4 + (rest + trained) // d,
                       f"N_linear NF4 whole + ((N - N_linear)·{w.base_bytes} + N_t·{trained_param_bytes(w)}) / D={d}")
     if w.method == "qlora":
@@ -445,7 +444,7 @@ def peak(w: Workload) -> Peak:
 
 
 def _qlora_scratch(w: Workload) -> int:
-    # One Linear dequantized to the compute dtype at a time (bitsandbytes matmul_4bit, torchao linear_nf4).
+    # One Linear dequantized to the compute dtype at a time (torchao linear_nf4, runtime/train/nf4.py).
     if w.method != "qlora":
         return 0
     return max(i * o for i, o in decoder_linear_shapes(w.arch).values()) * w.compute_bytes

@@ -321,6 +321,10 @@ def load_plan(path: str | Path) -> Plan:
 
 
 def _check_consistent(plan: Plan, where: str) -> None:
+    if plan.recipe.data.tokenizer is None:
+        raise PlanError("not a valid plan: recipe.data.tokenizer: null (the compiler resolves it)", where)
+    if plan.schedule.total_steps != plan.cost.steps:
+        raise PlanError(f"schedule.total_steps {plan.schedule.total_steps} ≠ cost.steps {plan.cost.steps}", where)
     b = plan.batch
     product = b.micro_batch * b.world_size * b.grad_accum
     if product != b.global_batch_sequences:

@@ -71,8 +71,9 @@ class Candidate:
             return (f"needs {self.fit_bytes / GIB:.1f} GiB{beside} + {self.headroom_bytes / GIB:.1f} GiB headroom "
                     f"per GPU > {self.capacity_bytes / GIB:.1f} GiB")
         if self.load_peak_bytes + outside + self.headroom_bytes > self.capacity_bytes:
-            return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB + {self.headroom_bytes / GIB:.1f} GiB headroom per GPU "
-                    f"> {self.capacity_bytes / GIB:.1f} GiB")
+            beside = f" + {outside / GIB:.1f} GiB CUDA context and NCCL" if outside else ""
+            return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB{beside} + {self.headroom_bytes / GIB:.1f} GiB "
+                    f"headroom per GPU > {self.capacity_bytes / GIB:.1f} GiB")
         if self.cpu_per_node_bytes > self.cpu_ram_bytes:
             return (f"needs {self.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node "
                     f"> {self.cpu_ram_bytes / GIB:.0f} GiB (hardware.cpu_ram_gib)")
@@ -170,15 +171,31 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
                           w.trainable_params, memory.gathered_param_bytes(w), w.compute_bytes, grad_accum, tokens_per_step,
                           flops, hw.assumed_mfu)
     capacity = spec.device.memory_bytes
+    outside = memory.outside_allocator(w).bytes
+    figures, reserve, reclaimable = _cache_capped_at_the_card(at_peak, capacity - outside)
     return Candidate(
         strategy=strategy, micro_batch=micro_batch, activation_checkpointing=checkpointing, grad_accum=grad_accum,
-        figures=at_peak.figures, peak_phase=at_peak.phase, load_peak_bytes=memory_loading.load_peak(w).bytes,
-        cpu_per_node_bytes=memory_loading.host_per_node(w).bytes, nvme_per_node_bytes=memory_loading.nvme_per_node(w).bytes, capacity_bytes=capacity,
+        figures=figures, peak_phase=at_peak.phase, load_peak_bytes=memory_loading.load_peak(w).bytes,
+        cpu_per_node_bytes=memory_loading.host_per_node(w).bytes,
+        nvme_per_node_bytes=memory_loading.nvme_per_node(w).bytes, capacity_bytes=capacity,
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
         nvme_bytes=int(hw.nvme_gib * GIB), step=step, loading=w.loading,
-        allocator_reserve_bytes=at_peak.allocator_reserve_bytes, reclaimable_bytes=at_peak.reclaimable_bytes,
-        outside_allocator_bytes=memory.outside_allocator(w).bytes,
+        allocator_reserve_bytes=reserve, reclaimable_bytes=reclaimable, outside_allocator_bytes=outside,
     )
+
+
+def _cache_capped_at_the_card(at_peak: memory.Peak, available_bytes: int) -> tuple[dict, int, int]:
+    """The peak's figures with the allocator's reclaimable cache cut to what the card leaves free: a cache
+    cannot outgrow the device (the allocator releases it and retries first), so `total`, the predicted
+    max_memory_reserved, never exceeds the card where the step fits. Returns (figures, reserve, reclaimable)."""
+    needed = at_peak.total_bytes - at_peak.reclaimable_bytes
+    kept = min(at_peak.reclaimable_bytes, max(0, available_bytes - needed))
+    cut = at_peak.reclaimable_bytes - kept
+    if not cut:
+        return at_peak.figures, at_peak.allocator_reserve_bytes, at_peak.reclaimable_bytes
+    buffers = at_peak.figures["buffers"]
+    capped = memory.Figure(buffers.bytes - cut, buffers.formula + ", cache capped at the card")
+    return {**at_peak.figures, "buffers": capped}, at_peak.allocator_reserve_bytes - cut, kept
 
 
 def micro_batch_choices(per_rank_sequences: int) -> list[int]:
@@ -287,8 +304,8 @@ def fewest_gpus(spec: Spec) -> FewestGpus | None:
 
     Per-GPU memory of a sharded strategy only falls as GPUs are added, so doubling then bisecting finds it."""
     pinned = spec.recipe.strategy
-    names = [pinned] if pinned != "auto" and STRATEGIES[pinned].params_sharded else [
-        n for n in ("fsdp2-full", "zero3") if _refusal(spec, STRATEGIES[n]) is None]
+    # Refusals depend on the world size (NF4 rows must split evenly): `best` checks each size it tries.
+    names = [pinned] if pinned != "auto" and STRATEGIES[pinned].params_sharded else ["fsdp2-full", "zero3"]
     ckpt = spec.recipe.training.activation_checkpointing
     ckpt = True if ckpt == "auto" else ckpt
     gpn = spec.recipe.hardware.gpus_per_node
@@ -334,11 +351,16 @@ def suggest(spec: Spec, closest: Candidate) -> list[str]:
     sharded = [STRATEGIES["fsdp2-full"], STRATEGIES["zero3"]]
 
     def fits_with(strategy: Strategy, **changes) -> Candidate | None:
+        # Nothing the runtime would refuse (checked with the recipe's own method, at the suggested world size).
+        if "method" not in changes and _refusal(spec, strategy, changes.get("world_size")) is not None:
+            return None
         cands = [evaluate(spec, strategy, 1, True, **changes)]
         return cands[0] if cands[0].fits else None
 
-    # The load peak does not shrink with more GPUs, offload or shorter sequences: only another method helps.
-    load_bound = closest.load_peak_bytes + closest.headroom_bytes > closest.capacity_bytes
+    # A whole-base load peak does not shrink with more GPUs, offload or shorter sequences: only another method
+    # helps. The meta-sharded loader's peak is a shard, which more GPUs do shrink.
+    load_bound = (closest.load_peak_bytes + closest.outside_allocator_bytes + closest.headroom_bytes
+                  > closest.capacity_bytes and closest.loading.mode != "meta-sharded-quantize")
     for nodes in (n for n in range(hw.nodes + 1, 1 if load_bound else 4097) if n == hw.nodes + 1 or n % 2 == 0):
         world = nodes * hw.gpus_per_node
         found = next((c for s in sharded if (c := fits_with(s, world_size=world, nodes=nodes))), None)
@@ -353,6 +375,8 @@ def suggest(spec: Spec, closest: Candidate) -> list[str]:
                        f"{qlora.total_bytes / GIB:.1f} GiB per GPU on {spec.world_size} GPUs")
     for name in () if load_bound else ("zero3-offload-cpu", "zero3-offload-cpu-full", "fsdp2-offload-cpu",
                                        "zero3-offload-nvme"):
+        if _refusal(spec, STRATEGIES[name]) is not None:
+            continue
         offload = evaluate(spec, STRATEGIES[name], 1, True)
         if offload.fits:
             out.append(f"strategy: {name}: {offload.total_bytes / GIB:.1f} GiB per GPU, "

@@ -145,7 +145,14 @@ def write_artifacts(files: dict[str, str], out_dir: Path, force: bool = False) -
     (a `ds_config.json` after switching to FSDP2) are removed when unedited. Files get the umask's mode.
     """
     _check_target(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _write_staged(files, out_dir, force)
+    except OSError as e:
+        raise RenderError(f"cannot write here: {e.strerror or e}", str(out_dir)) from e
+
+
+def _write_staged(files: dict[str, str], out_dir: Path, force: bool) -> list[Path]:
     previous = _previous_manifest(out_dir)
     clashes = sorted(name for name in files if (out_dir / name).exists() and not _ours(out_dir / name, previous))
     if clashes and not force:

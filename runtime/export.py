@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dapc.errors import DapcError
+from runtime.errors import print_error
 from runtime.checkpoint import CheckpointError, check_plan, latest_checkpoint
 from runtime.tokenizer import load_tokenizer
 from runtime.train.config import TrainPlan, load_plan
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         check_plan(checkpoint, plan.plan_sha256, plan.path)
         print(export_model(plan, checkpoint))
     except DapcError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return print_error(e)
     return 0
 
 

@@ -187,3 +187,32 @@ def test_runtime_refusals_are_plan_time_errors_and_auto_avoids_them(minimal_reci
     plan = json.loads(CliRunner().invoke(main, ["plan", str(auto), "--json"]).stdout)
     assert plan["strategy"]["backend"] != "fsdp2"
     assert all(not a["strategy"].startswith("fsdp2") for a in plan["alternatives"])
+
+
+def test_an_allocator_cache_never_outgrows_the_card(minimal_recipe):
+    # Without expandable segments the cache grows past need, but a failed cudaMalloc releases it and retries:
+    # the predicted max_memory_reserved is capped at what the card leaves, and `fits` counts only what is needed.
+    path = minimal_recipe({"strategy": "fsdp2-full", "launch": {"cuda_expandable_segments": False},
+                           "hardware": {"headroom_fraction": 0},
+                           "training": {"micro_batch": 8, "activation_checkpointing": True,
+                                        "global_batch_tokens": None, "global_batch_sequences": 64}})
+    mem = _plan(path)["memory"]
+    assert mem["fits"] and mem["reclaimable_bytes"] < mem["allocator_reserve_bytes"]
+    assert mem["per_gpu_bytes"]["total"] + mem["outside_allocator_bytes"] <= mem["device_capacity_bytes"]
+    assert mem["formulas"]["buffers"].endswith("cache capped at the card")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"method": {"name": "qlora"}, "strategy": "zero3-offload-cpu-full"},
+     "QLoRA with DeepSpeed parameter offload: the NF4 base is kept out of DeepSpeed's reach (it cannot move or "
+     "partition NF4), so it would stay whole on every GPU (strategy zero3-offload-cpu-full)"),
+    ({"model": {"source": "dapc/tiny-llama"}, "training": {"fsdp_embedding_units": "separate"},
+      "strategy": "fsdp2-full"},
+     "fsdp_embedding_units separate: this model ties its embedding and LM head (one parameter), which can only "
+     "live in one FSDP2 unit; use auto or root (strategy fsdp2-full)"),
+    ({"method": {"name": "qlora", "quant_type": "fp4"}, "strategy": "fsdp2-full"},
+     "quant_type fp4: the runtime's QLoRA base is NF4 (torchao) (strategy fsdp2-full)"),
+], ids=["qlora-deepspeed-offload", "separate-tied", "fp4"])
+def test_what_the_runtime_refuses_is_refused_at_plan_time(minimal_recipe, changes, message):
+    result = CliRunner().invoke(main, ["plan", str(minimal_recipe(changes))])
+    assert result.exit_code == 2 and result.stderr.endswith(f": {message}\n"), result.stderr

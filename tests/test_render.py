@@ -197,3 +197,10 @@ def test_render_refuses_an_empty_or_file_target(tmp_path):
     result = _render_cli("examples/tiny/recipe.yaml", tmp_path / "file" / "run")
     assert (result.exit_code, result.stderr) == (2, f"error: {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a "
                                                     "file, not a directory\n")
+
+
+def test_render_where_it_cannot_write_is_one_located_line(tmp_path):
+    target = Path("/proc/dapc-cannot-write-here")
+    result = _render_cli("examples/tiny/recipe.yaml", target)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {target}: cannot write here: ")

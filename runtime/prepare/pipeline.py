@@ -79,7 +79,7 @@ def prepare_from_plan(
         [f.path for f in plan.corpus.files],
         data_format=plan.corpus.format,
         text_field=data.text_field if plan.corpus.format != "text" else None,
-        tokenizer=data.tokenizer or plan.recipe.model.source,
+        tokenizer=data.tokenizer,  # resolved by the compiler; load_plan refuses a plan without one
         seq_len=data.seq_len,
         validation_fraction=data.validation_fraction,
         seed=plan.recipe.training.seed,

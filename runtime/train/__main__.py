@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -17,12 +18,26 @@ def main(argv: list[str] | None = None) -> int:
     # gloo's collectives as DeepSpeed and FSDP2 call them: deprecated names, same operations; noise per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
-        from runtime.train import load_plan, train
+        from dapc.plan_schema import load_plan
 
-        train(load_plan(args.plan))
+        plan = load_plan(args.plan)  # torch-free: before torch is imported, so the environment below still applies
+        _apply_environment(plan.runtime.env)
+        from runtime.train import train
+        from runtime.train.config import train_plan
+
+        train(train_plan(plan, args.plan))
     except DapcError as e:
         return print_error(e)
     return 0
+
+
+def _apply_environment(env: dict[str, str]) -> None:
+    """The plan's `runtime.env` (what the rendered launch files export), for a trainer started some other way.
+    A value already set wins, with a warning where the memory model assumed another (the CUDA allocator mode)."""
+    for key, value in env.items():
+        current = os.environ.setdefault(key, value)
+        if current != value:
+            print(f"warning: {key}={current} from the environment, the plan assumed {value}", file=sys.stderr)
 
 
 if __name__ == "__main__":

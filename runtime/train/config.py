@@ -119,7 +119,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         model_dtype=r.model.dtype,
         model_init=r.model.init,
         model_config=plan.model.config,
-        tokenizer=r.data.tokenizer or r.model.source,
+        tokenizer=r.data.tokenizer,  # resolved by the compiler; load_plan refuses a plan without one
         load_mode=plan.loading.mode,
         base_dtype=plan.loading.base_dtype,
         trained_dtype=plan.loading.trained_dtype,

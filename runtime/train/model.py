@@ -1,9 +1,9 @@
 """Build the model a plan names: the base (random or pretrained, optionally 4-bit), then LoRA, then AC.
 
-Dtypes: trained weights are fp32 (FSDP2 and DDP keep them as the master copy; DeepSpeed casts to its
-configured precision and keeps its own fp32 master). The frozen base of LoRA/QLoRA is loaded in
-`recipe.model.dtype`; under FSDP2 it is loaded in the FSDP param dtype so that one all-gather dtype serves
-the layer.
+Dtypes: trained weights are built in the plan's `loading.trained_dtype` (fp32 as the master copy, or bf16 for
+pure bf16 training) under FSDP2 and DDP, and in fp32 under DeepSpeed, which casts to its configured
+precision and keeps its own fp32 master. The frozen base of LoRA/QLoRA is loaded in the plan's
+`loading.base_dtype` (the FSDP2 param dtype under FSDP2, so that one all-gather dtype serves the layer).
 
 Pretrained weights under FSDP2 (full and LoRA): only global rank 0 reads the checkpoint, into a full CPU
 copy (with the LoRA adapters, seeded as always); every rank builds the model to train on the meta device.
@@ -185,10 +185,9 @@ def base_skeleton(plan: TrainPlan) -> nn.Module:
 
 
 def _meta_base(plan: TrainPlan, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    # a checkpoint's own config: the same structure
-    config = hf_config(plan) if plan.model_init == "random" else AutoConfig.from_pretrained(plan.model_source)
+    config = hf_config(plan)  # the config the compiler read (the checkpoint's own): the same structure
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()  # tied embeddings share one (meta) parameter, so they stay tied through to_empty
@@ -245,7 +244,7 @@ class QuantizedBase:
 def _quantized_base(plan: TrainPlan) -> tuple[nn.Module, QuantizedBase]:
     """The model on the meta device (buffers real), decoder Linear weights as frozen NF4 placeholders."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .nf4 import to_nf4_placeholders
 
@@ -256,7 +255,7 @@ def _quantized_base(plan: TrainPlan) -> tuple[nn.Module, QuantizedBase]:
     dtype = _base_dtype(plan)
     folder, scratch = _safetensors_folder(plan, dtype)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(hf_config(plan), dtype=dtype)
     model.tie_weights()  # tied embeddings share one (meta) parameter, loaded once
     to_nf4_placeholders(decoder_layers(model), dtype)
     names = {module: name for name, module in model.named_modules()}

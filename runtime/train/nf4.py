@@ -43,6 +43,8 @@ import logging
 import torch
 from torch import nn
 
+from dapc.errors import DapcError
+
 # torchao's import logs, on every rank, that its optional compiled kernels (CUDA-arch specific) and triton are
 # absent, and torch's pytree warns about torchao's enums: NF4 uses none of them, and the noise would bury the
 # trainer's own lines.
@@ -62,6 +64,10 @@ for _name, _logger in _QUIET.items():
 
 __all__ = ["BLOCK_SIZE", "MAX_SCALER_BLOCK_SIZE", "NF4Linear", "NF4Tensor", "is_nf4", "load_base", "quantize",
            "safetensors_index", "scaler_block_size", "to_nf4_placeholders", "unshardable_nf4"]
+
+class CheckpointFormatError(DapcError):
+    """A base checkpoint this loader cannot read: no safetensors, or a tensor the model needs is absent."""
+
 
 BLOCK_SIZE = 64  # values per absmax scale (QLoRA, Dettmers et al. 2023, section 3)
 MAX_SCALER_BLOCK_SIZE = 256  # scales per int8 group of the double quantization (QLoRA's choice)
@@ -125,7 +131,8 @@ def safetensors_index(folder: Path) -> dict[str, Path]:
         return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder} holds no *.safetensors files; QLoRA loads only safetensors checkpoints")
+        raise CheckpointFormatError("holds no *.safetensors files; QLoRA loads only safetensors checkpoints",
+                                    str(folder))
     names: dict[str, Path] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as tensors:
@@ -196,7 +203,7 @@ def _checkpoint_name(holders: list[tuple[nn.Module, str]], names: dict[nn.Module
     for candidate in candidates:
         if candidate in index:
             return candidate
-    raise KeyError(f"the checkpoint has no tensor {' or '.join(candidates) or holders[0][1]}")
+    raise CheckpointFormatError(f"the checkpoint has no tensor {' or '.join(candidates) or holders[0][1]}")
 
 
 def _row_range(param: torch.Tensor) -> tuple[int, int] | None:
