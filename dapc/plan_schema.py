@@ -36,6 +36,7 @@ class _Part(BaseModel):
 
 
 class ParamGroups(_Part):
+    """Exact parameter counts (elements) by tensor group; tied embeddings count once, in `embedding`."""
     total: int
     embedding: int
     attention: int
@@ -46,6 +47,7 @@ class ParamGroups(_Part):
 
 
 class ModelInfo(_Part):
+    """The model: name, parameter counts, architecture facts, and its HF config as read at compile time."""
     name: str
     params: ParamGroups
     tied: bool
@@ -56,11 +58,13 @@ class ModelInfo(_Part):
 
 
 class MethodInfo(_Part):
+    """The training method and how many parameters it trains."""
     name: Literal["full", "lora", "qlora"]
     trainable_params: int
 
 
 class StrategyInfo(_Part):
+    """The sharding strategy, whether the recipe pinned it, why, and its backend."""
     name: StrategyName  # type: ignore[valid-type]
     forced: bool
     reason: str
@@ -70,6 +74,7 @@ class StrategyInfo(_Part):
 
 
 class Batch(_Part):
+    """The batch geometry: micro_batch × grad_accum × world_size = global_batch_sequences."""
     seq_len: int = Field(ge=1)
     micro_batch: int = Field(ge=1)
     grad_accum: int = Field(ge=1)
@@ -82,6 +87,7 @@ class Batch(_Part):
 
 
 class PerGpuBytes(_Part):
+    """Bytes per GPU by component at the step's peak (`Memory.peak_phase`); total predicts `Memory.counter`."""
     weights: int
     gradients: int
     optimizer: int
@@ -92,6 +98,7 @@ class PerGpuBytes(_Part):
 
 
 class Formulas(_Part):
+    """The formula, with its source, behind each component of `PerGpuBytes`."""
     weights: str
     gradients: str
     optimizer: str
@@ -101,6 +108,8 @@ class Formulas(_Part):
 
 
 class Memory(_Part):
+    """Memory per GPU, the device, whether it fits (fit needs + outside the allocator + headroom ≤ capacity),
+    the loading peak, and host RAM and NVMe per node."""
     per_gpu_bytes: PerGpuBytes
     formulas: Formulas
     device_capacity_bytes: int
@@ -122,6 +131,7 @@ class Memory(_Part):
 
 
 class Alternative(_Part):
+    """The best configuration of a strategy that was not chosen, and why it lost."""
     strategy: StrategyName  # type: ignore[valid-type]
     micro_batch: int
     activation_checkpointing: bool
@@ -141,6 +151,7 @@ class FewestGpus(_Part):
 
 
 class Cost(_Part):
+    """Tokens, steps, modelled step time by part, and the run's wall time, GPU-hours, dollars and kWh."""
     tokens: int
     tokens_exact: bool
     tokens_per_byte_assumed: float | None
@@ -160,6 +171,7 @@ class Cost(_Part):
 
 
 class DeviceInfo(_Part):
+    """The accelerator as the plan assumed it: capacity in bytes, dense bf16 TFLOP/s, bandwidths, power."""
     name: str
     memory_bytes: int
     bf16_tflops: float
@@ -171,6 +183,7 @@ class DeviceInfo(_Part):
 
 
 class Paths(_Part):
+    """Where the run writes: prepared data, checkpoints, the export, metrics and evaluation."""
     output_dir: str
     prepared_dir: str
     checkpoint_dir: str
@@ -180,6 +193,7 @@ class Paths(_Part):
 
 
 class CorpusFileInfo(_Part):
+    """One corpus file: absolute path and its size when the plan was made."""
     path: str
     bytes: int = Field(ge=0)
 
@@ -213,6 +227,7 @@ class Schedule(_Part):
 
 
 class FsdpSettings(_Part):
+    """How the runtime calls `fully_shard`: mesh, dtypes, offload, unit layout and gradient sync."""
     mesh: tuple[int, ...]
     mesh_dims: tuple[Literal["replicate", "shard"], ...]
     reshard_after_forward: bool
@@ -224,6 +239,7 @@ class FsdpSettings(_Part):
 
 
 class RuntimeSettings(_Part):
+    """The backend settings the runtime applies as they are, and the training processes' environment."""
     env: dict[str, str] = Field(description="Environment of the training processes, as the launch files export it.")
     backend: Backend
     fsdp: FsdpSettings | None
@@ -231,6 +247,7 @@ class RuntimeSettings(_Part):
 
 
 class Provenance(_Part):
+    """Where the plan came from; outside both hashes."""
     dapc_version: str
     model_config_path: str
 
