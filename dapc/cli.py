@@ -26,6 +26,10 @@ class _Group(click.Group):
         except DapcError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except click.UsageError as e:  # one line, not click's usage block
+            command = f"dapc {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "dapc"
+            click.echo(f"error: {command}: {' '.join(e.format_message().split())} (see {command} --help)", err=True)
+            sys.exit(2)
 
 
 def _warn(warnings) -> None:
@@ -46,7 +50,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(path_type=Path))
 @_set_option
 @_json_option
 def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
@@ -65,7 +69,7 @@ def validate(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(path_type=Path))
 @_set_option
 @_json_option
 def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
@@ -86,7 +90,7 @@ def plan(recipe: Path, overrides: tuple[str, ...], as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", type=str,
               help="Run directory; overrides the recipe's `output`.")
 @_set_option

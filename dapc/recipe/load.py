@@ -61,7 +61,10 @@ def _drop_positions_under(positions: dict[KeyPath, str], prefix: KeyPath) -> Non
 
 
 def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[KeyPath, str]]:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise RecipeError(f"cannot read recipe: {getattr(e, 'strerror', None) or e}", str(path)) from e
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in chain + (resolved,))
         raise RecipeError(f"`base:` inheritance forms a cycle: {cycle}", str(path))

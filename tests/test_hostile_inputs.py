@@ -1,0 +1,61 @@
+"""Hostile and odd inputs: always one located `error:` line and exit 2, never a traceback or a hang."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _bomb() -> str:
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(8):
+        prev, name = chr(97 + i), chr(98 + i)
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+CASES = {
+    "non-utf8": (b'name: x\nmodel: {source: "\xff\xfe"}\n', ":2:18: not UTF-8 text (byte 0xff)"),
+    "control-char": (b"name: x\x07\n", ":1:8: invalid YAML: character #x0007 is not allowed"),
+    "alias-bomb": (_bomb().encode(), ": recipe expands to more than 100,000 YAML nodes (aliases?)"),
+    "deep": (b"name: " + b"[" * 5000 + b"]" * 5000 + b"\n", ": recipe nested too deeply"),
+    "sequence-key": (b"? [a, b]\n: 1\n", ":1:3: a mapping key must be a plain value, not a list or mapping"),
+    "huge": (b"# " + b"x" * (1024 * 1024 + 10) + b"\n", ": recipe larger than 1024 KiB"),
+}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dapc", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def _one_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    return done.stderr.rstrip("\n")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_recipe_gives_one_located_line(tmp_path: Path, name: str):
+    text, expected = CASES[name]
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text)
+    assert _one_line(_run("validate", str(path))) == f"error: {path}{expected}"
+
+
+def test_devices_folders_and_symlink_loops_are_not_recipes(tmp_path: Path):
+    (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
+    (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
+    assert _one_line(_run("validate", "/dev/zero")) == "error: /dev/zero: not a regular file"
+    assert _one_line(_run("validate", str(tmp_path))) == f"error: {tmp_path}: not a regular file"
+    assert _one_line(_run("validate", str(tmp_path / "a.yaml"))).startswith(f"error: {tmp_path / 'a.yaml'}: ")
+
+
+def test_usage_mistakes_are_one_line():
+    assert _one_line(_run("plan", "--bogus", "x")) == "error: dapc plan: No such option '--bogus'. (see dapc plan --help)"
+    assert _one_line(_run("plan")) == "error: dapc plan: Missing argument 'RECIPE'. (see dapc plan --help)"
