@@ -21,7 +21,7 @@ from dapc.plan_schema import Plan
 from dapc.resources import data_dir
 
 # Slurm reads `#SBATCH` values without a shell, so a path there cannot be quoted: allow only these.
-_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9._/%+-]+$")
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9._/%+=:,@-]+$")
 
 
 def _environment() -> jinja2.Environment:
@@ -39,12 +39,13 @@ def _environment() -> jinja2.Environment:
 
 
 def _k8s_name(name: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:50] or "dapc"
+    # An RFC 1123 label, short enough for the operator's suffixes (-master-0): no '-' at either end.
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower())[:50].strip("-") or "dapc"
 
 
 def _sbatch_safe(value: str, what: str) -> str:
     if not _SBATCH_SAFE.match(value):
-        raise DapcError(f"{what} {value!r} has characters a #SBATCH line cannot carry; use letters, digits, ._/+-")
+        raise DapcError(f"{what} {value!r} has characters a #SBATCH line cannot carry; use letters, digits and ._/%+=:,@-")
     return value
 
 

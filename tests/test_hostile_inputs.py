@@ -59,3 +59,26 @@ def test_devices_folders_and_symlink_loops_are_not_recipes(tmp_path: Path):
 def test_usage_mistakes_are_one_line():
     assert _one_line(_run("plan", "--bogus", "x")) == "error: dapc plan: No such option '--bogus'. (see dapc plan --help)"
     assert _one_line(_run("plan")) == "error: dapc plan: Missing argument 'RECIPE'. (see dapc plan --help)"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("launch.namespace=Prod", "launch.namespace: string should match pattern '^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$' "
+                              "(got 'Prod')"),
+    ("launch.slurm.time=２４:00:00", "launch.slurm.time: string should match pattern "
+                                    "'^([0-9]+-)?[0-9]{1,3}:[0-9]{2}:[0-9]{2}$' (got '２４:00:00')"),
+    ('launch.env={"plan": "x"}', "launch.env: value error, 'plan' is set by the rendered launch scripts or torchrun; "
+                                 "choose another name"),
+    ('launch.env={"A": "x\\ny"}', "launch.env: value error, the value of A holds a control character"),
+    ("hardware.gpu_memory_gib=.inf", "hardware.gpu_memory_gib: input should be a finite number (got inf)"),
+], ids=["k8s-namespace", "full-width-digits", "script-variable", "control-character", "infinite"])
+def test_values_other_tools_reject_are_refused_at_the_recipe(override: str, message: str):
+    recipe = str(REPO / "examples" / "tiny" / "recipe.yaml")
+    assert _one_line(_run("validate", recipe, "--set", override)) == f"error: --set {override}: {message}"
+
+
+def test_kubernetes_names_are_rfc1123_labels():
+    from dapc.render import _k8s_name
+
+    assert _k8s_name("My_Run.v2") == "my-run-v2"
+    assert _k8s_name("a" * 49 + "-b") == "a" * 49  # cut at 50, no '-' left at the end
+    assert _k8s_name("___") == "dapc"

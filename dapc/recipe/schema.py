@@ -15,6 +15,12 @@ from dapc.models.params import LINEAR_MODULES
 
 SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SafeName = Annotated[str, StringConstraints(pattern=SAFE_NAME_PATTERN)]
+# Kubernetes names of namespaces and labels: an RFC 1123 label (lower case, digits, '-', alphanumeric ends).
+K8S_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+K8sLabel = Annotated[str, StringConstraints(pattern=K8S_LABEL_PATTERN)]
+# Variables the rendered scripts set or torchrun reads: an env entry of the same name would override them.
+RESERVED_ENV_NAMES = frozenset({"plan", "plan_dir", "master_addr", "master_port", "head_node", "DAPC_PLAN",
+                                "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"})
 
 StrategyName = Literal[
     "ddp",
@@ -175,7 +181,8 @@ class HardwareSection(Section):
 class SlurmSection(Section):
     partition: SafeName | None = Field(None, description="Partition (-p); cluster default if unset.")
     account: SafeName | None = Field(None, description="Account (-A).")
-    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$", description="Wall-clock limit.")
+    time: str = Field("24:00:00", pattern=r"^([0-9]+-)?[0-9]{1,3}:[0-9]{2}:[0-9]{2}$",
+                      description="Wall-clock limit, [days-]hours:minutes:seconds in ASCII digits.")
     cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node; default 8 per GPU.")
     extra_directives: list[str] = Field(
         default_factory=list, description="Extra `#SBATCH` lines, e.g. `--exclusive` (written as given)."
@@ -186,7 +193,7 @@ class LaunchSection(Section):
     python: str = Field("python", min_length=1, description="Interpreter the scripts run.")
     rdzv_port: int = Field(29500, ge=1024, le=65535, description="torchrun c10d rendezvous port.")
     container_image: str | None = Field(None, description="Image for the Kubernetes PyTorchJob.")
-    namespace: SafeName = Field("default", description="Kubernetes namespace.")
+    namespace: K8sLabel = Field("default", description="Kubernetes namespace (an RFC 1123 label: a-z, 0-9, '-').")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for training.")
     cuda_expandable_segments: bool = Field(
         True, description="Run with PyTorch's expandable-segments CUDA allocator (less fragmentation); the memory "
@@ -196,9 +203,13 @@ class LaunchSection(Section):
     @field_validator("env")
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
-        for key in env:
+        for key, value in env.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
+            if key in RESERVED_ENV_NAMES or key.startswith(("SLURM_", "BASH")):
+                raise ValueError(f"{key!r} is set by the rendered launch scripts or torchrun; choose another name")
+            if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
+                raise ValueError(f"the value of {key} holds a control character")
         return env
 
 
