@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,10 +27,21 @@ class _Group(click.Group):
         except DapcError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # stdout gone or full (`> /dev/full`, a closed pipe): say so once, on stderr
+            _drop_stdout()
+            click.echo(f"error: cannot write the output: {e.strerror or e}", err=True)
+            sys.exit(2)
         except click.UsageError as e:  # one line, not click's usage block
             command = f"dapc {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "dapc"
             click.echo(f"error: {command}: {' '.join(e.format_message().split())} (see {command} --help)", err=True)
             sys.exit(2)
+
+
+def _drop_stdout() -> None:
+    # What is still buffered for stdout would fail again at exit: point it at the null device.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _warn(warnings) -> None:

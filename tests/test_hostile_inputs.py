@@ -82,3 +82,10 @@ def test_kubernetes_names_are_rfc1123_labels():
     assert _k8s_name("My_Run.v2") == "my-run-v2"
     assert _k8s_name("a" * 49 + "-b") == "a" * 49  # cut at 50, no '-' left at the end
     assert _k8s_name("___") == "dapc"
+
+
+def test_a_full_stdout_is_one_line_not_a_traceback():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "dapc", "plan", str(REPO / "examples" / "tiny" / "recipe.yaml")],
+                              cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr) == (2, "error: cannot write the output: No space left on device\n")
