@@ -67,7 +67,7 @@ EXPECTED = {
     'shell_in_name': "error: recipe.yaml:1:7: name: string should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' (got 'run; rm -rf /')",
     'shell_in_partition': "error: recipe.yaml:17:16: launch.slurm.partition: string should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' (got 'gpu$(reboot)')",
     'bad_env_name': "error: recipe.yaml:17:5: launch.env: value error, 'BAD-NAME' is not a valid environment variable name",
-    'bad_slurm_time': "error: recipe.yaml:17:11: launch.slurm.time: string should match pattern '^(\\d+-)?\\d{1,3}:\\d{2}:\\d{2}$' (got 'forever')",
+    'bad_slurm_time': "error: recipe.yaml:17:11: launch.slurm.time: string should match pattern '^([0-9]+-)?[0-9]{1,3}:[0-9]{2}:[0-9]{2}$' (got 'forever')",
     'unknown_gpu': "error: recipe.yaml:12:8: unknown gpu 'H100-80GB': did you mean 'H100-SXM-80GB'? known: H100-SXM-80GB, H100-PCIe-80GB, H200-SXM-141GB, A100-SXM-80GB, A100-SXM-40GB, A100-PCIe-80GB, RTX-A6000-48GB, RTX-4090-24GB, RTX-3090-24GB, L40S-48GB, B200-180GB, MI300X-192GB, cpu, custom",
     'cpu_without_memory': 'error: recipe.yaml:12:8: gpu: cpu needs hardware.gpu_memory_gib (the RAM one training process may use)',
     'custom_gpu_incomplete': 'error: recipe.yaml:12:8: gpu: custom needs hardware.gpu_bf16_tflops',
