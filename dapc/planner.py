@@ -66,12 +66,11 @@ class Candidate:
     def misfit(self) -> str | None:
         """Why it does not fit, with the arithmetic; None when it fits."""
         outside = self.outside_allocator_bytes
+        beside = f" + {outside / GIB:.1f} GiB CUDA context and NCCL" if outside else ""
         if self.fit_bytes + outside + self.headroom_bytes > self.capacity_bytes:
-            beside = f" + {outside / GIB:.1f} GiB CUDA context and NCCL" if outside else ""
             return (f"needs {self.fit_bytes / GIB:.1f} GiB{beside} + {self.headroom_bytes / GIB:.1f} GiB headroom "
                     f"per GPU > {self.capacity_bytes / GIB:.1f} GiB")
         if self.load_peak_bytes + outside + self.headroom_bytes > self.capacity_bytes:
-            beside = f" + {outside / GIB:.1f} GiB CUDA context and NCCL" if outside else ""
             return (f"loading needs {self.load_peak_bytes / GIB:.1f} GiB{beside} + {self.headroom_bytes / GIB:.1f} GiB "
                     f"headroom per GPU > {self.capacity_bytes / GIB:.1f} GiB")
         if self.cpu_per_node_bytes > self.cpu_ram_bytes:

@@ -75,8 +75,8 @@ def prepare_from_plan(
         if size != listed.bytes:
             raise PrepareError(f"corpus file changed since the plan was made ({listed.bytes:,} bytes planned, "
                                f"{size:,} now); compile the recipe again", listed.path)
-    return _prepare_files(
-        [f.path for f in plan.corpus.files],
+    return prepare_corpus(
+        [f.path for f in plan.corpus.files],  # files resolve to themselves: the plan's list, as it is
         data_format=plan.corpus.format,
         text_field=data.text_field if plan.corpus.format != "text" else None,
         tokenizer=data.tokenizer,  # resolved by the compiler; load_plan refuses a plan without one
@@ -111,33 +111,11 @@ def prepare_corpus(
     `workers` defaults to the CPU count (1 tokenizes in this process). `shard_sequences` defaults to 256 MiB per
     shard. Neither the worker count nor the console changes the output; every other argument does.
     """
+    _check_settings(data_format, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences)
     try:
         files = [f.path for f in resolve_corpus([os.path.abspath(p) for p in paths], data_format)]
     except CorpusError as e:
         raise PrepareError(e.message) from e
-    return _prepare_files(files, data_format=data_format, tokenizer=tokenizer, seq_len=seq_len,
-                          prepared_dir=prepared_dir, text_field=text_field, validation_fraction=validation_fraction,
-                          seed=seed, workers=workers, shard_sequences=shard_sequences, unit_bytes=unit_bytes,
-                          console=console, progress=progress)
-
-
-def _prepare_files(
-    files: list[str],
-    *,
-    data_format: str,
-    tokenizer: str,
-    seq_len: int,
-    prepared_dir: str | os.PathLike,
-    text_field: str | None = None,
-    validation_fraction: float = 0.0,
-    seed: int = 0,
-    workers: int | None = None,
-    shard_sequences: int | None = None,
-    unit_bytes: int = DEFAULT_UNIT_BYTES,
-    console: Console | None = None,
-    progress: bool = True,
-) -> Manifest:
-    _check_settings(data_format, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences)
     text_field = None if data_format == "text" else text_field
     tok = load_tokenizer(tokenizer)
     vocab_size = len(tok)
