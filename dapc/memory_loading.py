@@ -86,3 +86,12 @@ def nvme_per_node(w: Workload) -> Figure:
     per_param, text = optimizer_bytes_per_param(w)
     total = int(w.trainable_params * (per_param + w.compute_bytes)) // w.nodes
     return Figure(total, f"N·({text} + c) / nodes")
+
+
+def checkpoint_bytes(w: Workload) -> Figure:
+    """Returns the bytes one checkpoint writes, all ranks together: the trained parameters as the backend
+    stores them and their optimizer states (a LoRA checkpoint holds the adapters only; the frozen base is
+    rebuilt from the plan). DCP and DeepSpeed write each element once, whatever the sharding."""
+    per_param, text = optimizer_bytes_per_param(w)
+    t = trained_param_bytes(w)
+    return Figure(int(w.trainable_params * (t + per_param)), f"N_t·({t} + {text})")

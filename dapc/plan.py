@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from math import ceil
 from pathlib import Path
 from typing import Any
 
 from dapc import __version__
 from dapc.cost import flops_per_token, run_cost
 from dapc.memory import GIB
-from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of
+from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of, trajectory_of
 from dapc.planner import COMPONENTS, Candidate, Decision, expandable_segments
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
@@ -62,6 +63,41 @@ def _training_env(spec: Spec) -> dict[str, str]:
     return env
 
 
+# Assumed checkpoint write rate per node (shared filesystem clients commonly sustain 1-5 GB/s; the low end, so
+# that the preemption signal comes early enough), and the shortest warning worth asking Slurm for.
+CHECKPOINT_WRITE_BYTES_PER_SECOND_PER_NODE = 1e9
+MIN_SIGNAL_SECONDS = 60
+
+
+def _preemption(spec: Spec, c: Candidate, step_seconds: float) -> dict[str, Any]:
+    """Returns how the run stops before its time limit: when Slurm signals it, and the file that asks the
+    trainer to checkpoint and exit. The warning covers twice (one step + one checkpoint write)."""
+    write_seconds = c.checkpoint_bytes / spec.recipe.hardware.nodes / CHECKPOINT_WRITE_BYTES_PER_SECOND_PER_NODE
+    seconds = min(65535, max(MIN_SIGNAL_SECONDS, ceil(2 * (step_seconds + write_seconds))))
+    return {
+        "stop_file": str(Path(spec.recipe.output) / "stop-requested"),
+        "signal_seconds": seconds,
+        "reason": f"2 × (one step {step_seconds:.3g} s + writing a {c.checkpoint_bytes / GIB:.3g} GiB checkpoint "
+                  f"at {CHECKPOINT_WRITE_BYTES_PER_SECOND_PER_NODE / 1e9:g} GB/s per node {write_seconds:.3g} s), "
+                  f"at least {MIN_SIGNAL_SECONDS} s",
+    }
+
+
+def _slurm_seconds(limit: str) -> int:
+    """Returns a `[days-]hours:minutes:seconds` Slurm time limit in seconds."""
+    days, _, clock = limit.rpartition("-")
+    hours, minutes, seconds = (int(x) for x in clock.split(":"))
+    return (int(days or 0) * 24 + hours) * 3600 + minutes * 60 + seconds
+
+
+def _time_limit_warnings(spec: Spec, preemption: dict[str, Any]) -> list[str]:
+    limit = spec.recipe.launch.slurm.time
+    if _slurm_seconds(limit) > 2 * preemption["signal_seconds"]:
+        return []
+    return [f"launch.slurm.time {limit} leaves little time before the preemption signal, which Slurm sends "
+            f"{preemption['signal_seconds']} s before the limit; each requeued job would train only briefly"]
+
+
 def build_plan(spec: Spec, decision: Decision) -> Plan:
     """Returns the typed plan for a spec and the planner's decision, hashed."""
     c, r = decision.chosen, spec.recipe
@@ -72,6 +108,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
     arch = asdict(spec.arch)
     arch.pop("config_path")  # where it was read is provenance, not architecture
     t = r.training
+    preemption = _preemption(spec, c, cost_step.step_seconds)
     body: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "recipe": r,
@@ -117,7 +154,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             for a in decision.alternatives
         ],
         "suggestions": decision.suggestions,
-        "warnings": list(spec.warnings),
+        "warnings": [*spec.warnings, *_time_limit_warnings(spec, preemption)],
         "fewest_gpus": None if decision.fewest_gpus is None else asdict(decision.fewest_gpus),
         "cost": {
             "tokens": decision.tokens,
@@ -160,11 +197,15 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "backend": c.strategy.backend,
             "fsdp": fsdp_section(spec, c),
             "deepspeed": deepspeed_config(spec, c),
+            "passthrough_env": list(r.launch.passthrough_env),
+            "preemption": preemption,
         },
         "provenance": {"dapc_version": __version__, "model_config_path": spec.arch.config_path},
         "plan_sha256": "",
+        "trajectory_sha256": "",
     }
-    unhashed = Plan.model_validate(body)
+    draft = Plan.model_validate(body)
+    unhashed = draft.model_copy(update={"trajectory_sha256": sha256_of(trajectory_of(draft))})
     return unhashed.model_copy(update={"plan_sha256": sha256_of(unhashed.body())})
 
 

@@ -20,7 +20,7 @@ from dapc.errors import DapcError
 from dapc.loading import LoadMode
 from dapc.recipe.schema import Recipe, StrategyName
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_PLAN_BYTES = 64 * 1024**2  # a plan is kilobytes; anything this large is not one
 Counter = Literal["cuda.max_memory_reserved", "cuda.max_memory_allocated", "cpu.vm_hwm"]
 Backend = Literal["ddp", "fsdp2", "deepspeed"]
@@ -238,12 +238,25 @@ class FsdpSettings(_Part):
     sync_every_micro_batch: bool
 
 
+class Preemption(_Part):
+    """How a run stops cleanly before it is killed: the Slurm job asks for SIGUSR1 `signal_seconds` before its
+    time limit and creates `stop_file` when it arrives; the trainer checks for the file after every optimizer
+    step, checkpoints and exits, and the job requeues itself."""
+    stop_file: str
+    signal_seconds: int = Field(ge=1, le=65535)
+    reason: str
+
+
 class RuntimeSettings(_Part):
     """The backend settings the runtime applies as they are, and the training processes' environment."""
     env: dict[str, str] = Field(description="Environment of the training processes, as the launch files export it.")
+    passthrough_env: tuple[str, ...] = Field(
+        description="Names of variables the training processes take from the launching environment, never "
+        "written into a rendered file (tokens, passwords).")
     backend: Backend
     fsdp: FsdpSettings | None
     deepspeed: dict[str, Any] | None = Field(description="ds_config.json, passed to DeepSpeed as is.")
+    preemption: Preemption
 
 
 class Provenance(_Part):
@@ -255,10 +268,14 @@ class Provenance(_Part):
 class Plan(_Part):
     """The whole plan. Everything but `provenance` is covered by `plan_sha256`."""
 
-    schema_version: Literal[2]
+    schema_version: Literal[3]
     recipe: Recipe
     recipe_sha256: str
     plan_sha256: str
+    trajectory_sha256: str = Field(
+        description="Hash of what decides the sequence of optimizer updates (model, method, data, global batch, "
+        "schedule, numerics) but not how they are laid out over GPUs: a checkpoint written under another plan "
+        "with the same trajectory resumes on another world size.")
     provenance: Provenance
     model: ModelInfo
     method: MethodInfo
@@ -286,6 +303,27 @@ class Plan(_Part):
         """Returns plan.json's text: sorted keys, two-space indent, strict JSON, trailing newline."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2, ensure_ascii=False,
                           allow_nan=False) + "\n"
+
+
+# Recipe keys that lay the same training out over devices without changing its updates; everything else in
+# `recipe.training` (and the model, method and data sections) is part of the trajectory.
+_LAYOUT_TRAINING_KEYS = ("micro_batch", "activation_checkpointing", "fsdp_embedding_units", "log_every_steps",
+                         "global_batch_tokens", "global_batch_sequences")  # the last two: resolved, in `batch`
+
+
+def trajectory_of(plan: Plan) -> dict[str, Any]:
+    """Returns, as JSON values, what `trajectory_sha256` covers: the resolved model, method, data and training
+    settings, the global batch, the schedule, the corpus and the dtypes, without the GPU layout."""
+    recipe = plan.recipe.model_dump(mode="json")
+    training = {k: v for k, v in recipe["training"].items() if k not in _LAYOUT_TRAINING_KEYS}
+    data = {k: v for k, v in recipe["data"].items() if k != "prepared_dir"}  # where, not what
+    return {
+        "model": recipe["model"], "model_config": plan.model.config, "method": recipe["method"],
+        "data": data, "training": training, "corpus": plan.corpus.model_dump(mode="json"),
+        "seq_len": plan.batch.seq_len, "global_batch_sequences": plan.batch.global_batch_sequences,
+        "schedule": plan.schedule.model_dump(mode="json"),
+        "dtypes": [plan.loading.base_dtype, plan.loading.trained_dtype],
+    }
 
 
 def canonical_json(value: Any) -> str:

@@ -51,6 +51,7 @@ class Candidate:
     allocator_reserve_bytes: int
     reclaimable_bytes: int
     outside_allocator_bytes: int
+    checkpoint_bytes: int  # one checkpoint, all ranks together
 
     @property
     def total_bytes(self) -> int:
@@ -180,6 +181,7 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
         nvme_bytes=int(hw.nvme_gib * GIB), step=step, loading=w.loading,
         allocator_reserve_bytes=reserve, reclaimable_bytes=reclaimable, outside_allocator_bytes=outside,
+        checkpoint_bytes=memory_loading.checkpoint_bytes(w).bytes,
     )
 
 

@@ -39,8 +39,10 @@ def _environment() -> jinja2.Environment:
 
 
 def _k8s_name(name: str) -> str:
-    # An RFC 1123 label, short enough for the operator's suffixes (-master-0): no '-' at either end.
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower())[:50].strip("-") or "dapc"
+    # The training-operator's webhook wants a DNS-1035 label (a letter first, no '-' at either end), and names the
+    # job's pods and Services NAME-worker-INDEX, which must stay within 63 characters: 50 leave room for that.
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "dapc"
+    return (label if label[0].isalpha() else f"dapc-{label}")[:50].rstrip("-")
 
 
 def _sbatch_safe(value: str, what: str) -> str:
@@ -71,6 +73,10 @@ def template_context(plan: Plan, out_dir: Path) -> dict[str, Any]:
         "python": python,
         "rdzv_port": launch.rdzv_port,
         "env": sorted(plan.runtime.env.items()),
+        "passthrough_env": list(plan.runtime.passthrough_env),
+        "secrets_name": launch.secrets_name,
+        "stop_file": plan.runtime.preemption.stop_file,
+        "signal_seconds": plan.runtime.preemption.signal_seconds,
         "nodes": nodes,
         "gpus_per_node": gpus,
         "gpus_per_node_directive": has_gpu,

@@ -81,6 +81,18 @@ def _global_batch_sequences(recipe: Recipe, loaded: LoadedRecipe, world_size: in
     )
 
 
+def _corpus_short_of_a_step(recipe: Recipe, corpus_bytes: int, global_batch_sequences: int) -> str | None:
+    """Says how the corpus falls short when its training split (estimated from its bytes) holds fewer sequences
+    than one optimizer step takes, the least the runtime trains on; None when it fills one."""
+    d = recipe.data
+    sequences = int(corpus_bytes * d.tokens_per_byte * (1 - d.validation_fraction)) // d.seq_len
+    if sequences >= global_batch_sequences:
+        return None
+    return (f"the corpus ({corpus_bytes:,} bytes ≈ {sequences:,} training sequences of {d.seq_len:,} tokens at "
+            f"{d.tokens_per_byte:g} tokens/byte, less the {d.validation_fraction:g} validation share) cannot fill "
+            f"one optimizer step of {global_batch_sequences:,} sequences")
+
+
 def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
     """Returns the Spec of a loaded recipe. Raises DapcError, located in the recipe, for what cannot be found."""
     recipe = loaded.recipe
@@ -140,6 +152,13 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
                         f"max_position_embeddings {arch.max_position_embeddings:,} ({how}); quality past it is "
                         "the recipe's responsibility")
     sequences, origin = _global_batch_sequences(recipe, loaded, world_size)
+    short = _corpus_short_of_a_step(recipe, sum(f.bytes for f in corpus), sequences)
+    if short and recipe.training.tokens is None:
+        raise DapcError(f"{short}; add data, or lower the global batch (training.global_batch_sequences) or "
+                        "data.seq_len", loaded.locate("data", "paths"))
+    if short:  # an explicit token budget: the plan sizes the run, but training needs a larger corpus
+        warnings.append(f"{loaded.locate('data', 'paths')}: {short}; the plan sizes training.tokens "
+                        f"{recipe.training.tokens:,}, but the runtime will not train until the corpus fills a step")
     return Spec(
         recipe=resolved,
         arch=arch,

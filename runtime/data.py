@@ -1,7 +1,7 @@
 """Training samples from prepared shards, and a sampler that is exactly resumable across ranks.
 
     dataset = PackedDataset(prepared_dir, split="train")        # sample i: LongTensor [seq_len]
-    sampler = DistributedResumableSampler(len(dataset), rank, world_size, seed, micro_batch)
+    sampler = DistributedResumableSampler(len(dataset), rank, world_size, seed, micro_batch, global_batch)
     sampler.load_state_dict(checkpoint["sampler"])                # when resuming
     for indices in sampler:                                       # the rest of the current epoch
         input_ids = dataset.batch(indices)                        # [micro_batch, seq_len]; labels = input_ids
@@ -9,16 +9,17 @@
         checkpoint["sampler"] = sampler.state_dict()              # counts the batches handed out so far
 
 Order: epoch e visits the samples in `permutation(seed, e)`, a pure function of the seed and the epoch
-(numpy's PCG64 seeded with SeedSequence([seed, e])), so the state is two integers and no RNG state. Every
-step takes the next `world_size × micro_batch` entries of that order; rank r takes the r-th block of
-`micro_batch`, so ranks never share a sample within an epoch. The last `num_samples mod (world_size ×
-micro_batch)` entries of each epoch's order are skipped (a different few each epoch).
+(numpy's PCG64 seeded with SeedSequence([seed, e])), so the state is two integers and no RNG state. Optimizer
+step k of an epoch takes entries [k·G, (k+1)·G) of that order (G = global_batch sequences); within it, micro-step
+m hands rank r the block of `micro_batch` at k·G + m·world_size·micro_batch + r·micro_batch. The last
+`num_samples mod G` entries of each epoch's order are skipped (a different few each epoch). So the samples of
+every optimizer step depend on the seed and G only, not on how the world is laid out.
 
 Exact resume: `state_dict()` is `{epoch, consumed_samples}` (plus what it was built for); after loading it a
 sampler yields exactly the batches an uninterrupted one yields from that point. That holds when the batches
 were taken one at a time (`DataLoader(num_workers=0)` or `dataset.batch`); a prefetching DataLoader draws
-indices ahead of the training step, so its sampler state would run ahead. Resuming under another world size
-or micro-batch continues the same epoch order from the same sample, but the batches differ.
+indices ahead of the training step, so its sampler state would run ahead. A state saved at an optimizer-step
+boundary loads under any world size and micro-batch with the same G: the next steps take the same samples.
 """
 
 from __future__ import annotations
@@ -86,36 +87,39 @@ class PackedDataset(Dataset):
 class DistributedResumableSampler:
     """Yields this rank's micro-batches (lists of sample indices) for the rest of the current epoch."""
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, micro_batch: int):
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int, micro_batch: int,
+                 global_batch: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
         if micro_batch < 1:
             raise ValueError(f"micro_batch {micro_batch} must be at least 1")
-        if num_samples < world_size * micro_batch:
-            raise ValueError(
-                f"{num_samples} samples cannot fill one step: world_size {world_size} × micro_batch {micro_batch} "
-                f"= {world_size * micro_batch}"
-            )
+        if global_batch % (world_size * micro_batch):
+            raise ValueError(f"global_batch {global_batch} is not a multiple of world_size {world_size} × "
+                             f"micro_batch {micro_batch}")
+        if num_samples < global_batch:
+            raise ValueError(f"{num_samples} samples cannot fill one optimizer step of {global_batch} sequences")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.seed, self.micro_batch = seed, micro_batch
+        self.seed, self.micro_batch, self.global_batch = seed, micro_batch, global_batch
         self.epoch = 0
         self.consumed_samples = 0  # of this epoch's order, by all ranks together
         self._order: tuple[int, np.ndarray] | None = None
 
     @property
     def step_samples(self) -> int:
+        """Samples one micro-step takes, all ranks together."""
         return self.world_size * self.micro_batch
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.num_samples // self.step_samples
+        """Optimizer steps in one epoch."""
+        return self.num_samples // self.global_batch
 
     def __len__(self) -> int:
         """Micro-batches left in the current epoch."""
-        return (self.num_samples - self.consumed_samples) // self.step_samples
+        return (self.steps_per_epoch * self.global_batch - self.consumed_samples) // self.step_samples
 
     def __iter__(self) -> Iterator[list[int]]:
-        if len(self) == 0:  # a state saved under a larger step may leave less than one step of this epoch
+        if len(self) == 0:
             self.epoch, self.consumed_samples = self.epoch + 1, 0
         while True:
             order = self.permutation(self.epoch)
@@ -137,21 +141,26 @@ class DistributedResumableSampler:
         return self._order[1]
 
     def state_dict(self) -> dict:
+        """The position as plain integers: epoch and samples of its order consumed, plus what it was built for."""
         return {
             "epoch": self.epoch,
             "consumed_samples": self.consumed_samples,
             "seed": self.seed,
             "num_samples": self.num_samples,
+            "global_batch": self.global_batch,
             "world_size": self.world_size,
             "micro_batch": self.micro_batch,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_samples"):
+        """Continues from `state`, which may come from another world size or micro-batch (same global batch)."""
+        for key in ("seed", "num_samples", "global_batch"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"sampler state was saved with {key} {state[key]}, this sampler has {getattr(self, key)}"
                 )
-        if not 0 <= state["consumed_samples"] <= self.num_samples:
-            raise ValueError(f"consumed_samples {state['consumed_samples']} is outside [0, {self.num_samples}]")
-        self.epoch, self.consumed_samples = int(state["epoch"]), int(state["consumed_samples"])
+        consumed = state["consumed_samples"]
+        if not 0 <= consumed <= self.num_samples or consumed % self.step_samples:
+            raise ValueError(f"consumed_samples {consumed} is not a micro-step boundary of this sampler "
+                             f"({self.step_samples} samples each) within [0, {self.num_samples}]")
+        self.epoch, self.consumed_samples = int(state["epoch"]), int(consumed)

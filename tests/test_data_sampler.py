@@ -25,7 +25,7 @@ def _batches(sampler: DistributedResumableSampler, count: int) -> list[list[int]
 
 
 def test_ranks_get_disjoint_samples_that_cover_all_but_the_tail_of_each_epoch():
-    samplers = [DistributedResumableSampler(103, rank, 4, seed=5, micro_batch=3) for rank in range(4)]
+    samplers = [DistributedResumableSampler(103, rank, 4, seed=5, micro_batch=3, global_batch=12) for rank in range(4)]
     epoch = [list(s) for s in samplers]
     seen = [i for rank in epoch for batch in rank for i in batch]
     assert all(len(rank) == 103 // 12 == samplers[0].steps_per_epoch for rank in epoch)
@@ -36,56 +36,77 @@ def test_ranks_get_disjoint_samples_that_cover_all_but_the_tail_of_each_epoch():
 
 def test_epochs_are_shuffled_by_seed_and_epoch_only():
     a, b = (
-        DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5),
-        DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5),
+        DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5, global_batch=5),
+        DistributedResumableSampler(50, 0, 1, seed=1, micro_batch=5, global_batch=5),
     )
     assert _batches(a, 30) == _batches(b, 30)
     first, second = a.permutation(0), a.permutation(1)
     assert sorted(first.tolist()) == list(range(50)) and first.tolist() != second.tolist()
-    assert DistributedResumableSampler(50, 0, 1, seed=2, micro_batch=5).permutation(0).tolist() != first.tolist()
+    assert DistributedResumableSampler(50, 0, 1, seed=2, micro_batch=5, global_batch=5).permutation(0).tolist() != first.tolist()
 
 
 @pytest.mark.parametrize("k", [0, 1, 7, 8, 9, 23])
 def test_resuming_after_k_batches_yields_exactly_the_uninterrupted_batches(k):
     world = 3
     uninterrupted = [
-        _batches(DistributedResumableSampler(101, r, world, seed=11, micro_batch=4), 30) for r in range(world)
+        _batches(DistributedResumableSampler(101, r, world, seed=11, micro_batch=4, global_batch=24), 30) for r in range(world)
     ]
     for rank in range(world):
-        before = DistributedResumableSampler(101, rank, world, seed=11, micro_batch=4)
+        before = DistributedResumableSampler(101, rank, world, seed=11, micro_batch=4, global_batch=24)
         assert _batches(before, k) == uninterrupted[rank][:k]
         state = json.loads(json.dumps(before.state_dict()))  # plain integers: no RNG state to carry
-        after = DistributedResumableSampler(101, rank, world, seed=11, micro_batch=4)
+        after = DistributedResumableSampler(101, rank, world, seed=11, micro_batch=4, global_batch=24)
         after.load_state_dict(state)
         assert _batches(after, 30 - k) == uninterrupted[rank][k:]
 
 
 def test_state_dict_is_epoch_and_position():
-    sampler = DistributedResumableSampler(40, 1, 2, seed=3, micro_batch=4)
+    sampler = DistributedResumableSampler(40, 1, 2, seed=3, micro_batch=4, global_batch=8)
     _batches(sampler, 6)  # 5 steps per epoch: one epoch and one step
     assert sampler.state_dict() == {
         "epoch": 1,
         "consumed_samples": 8,
         "seed": 3,
         "num_samples": 40,
+        "global_batch": 8,
         "world_size": 2,
         "micro_batch": 4,
     }
     with pytest.raises(ValueError, match=r"^sampler state was saved with seed 3, this sampler has 4$"):
-        DistributedResumableSampler(40, 1, 2, seed=4, micro_batch=4).load_state_dict(sampler.state_dict())
+        DistributedResumableSampler(40, 1, 2, seed=4, micro_batch=4, global_batch=8).load_state_dict(sampler.state_dict())
 
 
-def test_too_few_samples_for_one_step_is_refused():
-    with pytest.raises(ValueError, match=r"^7 samples cannot fill one step: world_size 2 × micro_batch 4 = 8$"):
-        DistributedResumableSampler(7, 0, 2, seed=0, micro_batch=4)
+def test_too_few_samples_for_one_optimizer_step_is_refused():
+    with pytest.raises(ValueError, match=r"^7 samples cannot fill one optimizer step of 8 sequences$"):
+        DistributedResumableSampler(7, 0, 2, seed=0, micro_batch=2, global_batch=8)
 
 
-def test_resuming_under_a_larger_step_continues_the_same_epoch_order():
-    small = DistributedResumableSampler(60, 0, 1, seed=9, micro_batch=4)
-    _batches(small, 5)
-    large = DistributedResumableSampler(60, 0, 2, seed=9, micro_batch=4)
-    large.load_state_dict(small.state_dict())
-    assert list(large) == [small.permutation(0)[20 + 8 * s : 24 + 8 * s].tolist() for s in range(5)]
+def _steps(world: int, micro_batch: int, global_batch: int, steps: int, state: dict | None = None) -> list[set]:
+    """The samples of each of the next `steps` optimizer steps, all ranks together."""
+    samplers = [DistributedResumableSampler(60, r, world, 9, micro_batch, global_batch) for r in range(world)]
+    for sampler in samplers:
+        if state is not None:
+            sampler.load_state_dict(state)
+    accum = global_batch // (world * micro_batch)
+    drawn = [_batches(s, steps * accum) for s in samplers]
+    return [{i for rank in drawn for batch in rank[k * accum:(k + 1) * accum] for i in batch} for k in range(steps)]
+
+
+@pytest.mark.parametrize("layout", [(1, 2), (2, 2), (4, 1), (2, 4)])
+def test_every_optimizer_step_takes_the_same_samples_under_any_layout(layout):
+    # 60 samples, G = 8: 7 steps per epoch, so 10 steps cross an epoch boundary.
+    assert _steps(*layout, 8, 10) == _steps(1, 8, 8, 10)
+
+
+def test_a_state_saved_at_a_step_boundary_resumes_under_another_world_size():
+    one = DistributedResumableSampler(60, 0, 1, seed=9, micro_batch=4, global_batch=8)
+    _batches(one, 6)  # 3 optimizer steps
+    assert _steps(2, 2, 8, 6, one.state_dict()) == _steps(1, 8, 8, 9)[3:]
+    half_step = DistributedResumableSampler(60, 0, 1, seed=9, micro_batch=4, global_batch=8)
+    _batches(half_step, 1)
+    with pytest.raises(ValueError, match="consumed_samples 4 is not a micro-step boundary"):
+        DistributedResumableSampler(60, 0, 2, seed=9, micro_batch=4, global_batch=8).load_state_dict(
+            half_step.state_dict())
 
 
 def _write_prepared(directory: Path, seq_len: int, shard_sizes: list[int]) -> np.ndarray:

@@ -139,14 +139,39 @@ def test_kill_9_then_relaunching_launch_sh_resumes_with_identical_losses(fsdp2_r
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), (step, resumed[step], expected[step])
 
 
-def test_tiny_example_runs_as_a_slurm_job_on_two_nodes(tmp_path, slurm_cluster):
-    """The same run as a real `sbatch job.sbatch`: 2 emulated nodes × 1 process, rendezvous at NodeAddr."""
+def test_slurm_job_preempted_by_its_signal_checkpoints_requeues_and_ends_with_the_uninterrupted_losses(
+        fsdp2_run, tmp_path, slurm_cluster):
+    """The tiny run as a real `sbatch job.sbatch` on 2 emulated nodes × 1 process (rendezvous at NodeAddr). After
+    its step-4 checkpoint the batch script gets SIGUSR1, as `--signal=B:USR1@…` delivers it before the time limit:
+    the trainer checkpoints after its current step and exits, the job requeues itself, and the second run resumes
+    from that checkpoint and finishes with the losses of the uninterrupted launch.sh run (same world size)."""
+    reference, _, _ = fsdp2_run
     out = tmp_path / "run"
     plan = _render(out, "hardware.nodes=2", "hardware.gpus_per_node=1", "launch.slurm.cpus_per_task=1",
                    "eval.benchmarks=[]")
-    job = slurm_cluster.submit_and_wait(out / "job.sbatch", cwd=tmp_path, timeout_s=600)
+    sbatch = (out / "job.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@60\n#SBATCH --requeue\n" in sbatch
+    job_id = slurm_cluster.submit(out / "job.sbatch", cwd=tmp_path)
+    step_4 = out / "checkpoints" / "step-4" / "meta.json"
+    deadline = time.monotonic() + 300
+    while not step_4.exists():
+        info = slurm_cluster.job_info(job_id) or {}
+        assert info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (info, slurm_cluster.logs())
+        assert time.monotonic() < deadline, "no step-4 checkpoint within 300 s"
+        time.sleep(0.05)
+    signalled = slurm_cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    assert signalled.returncode == 0, signalled.stderr
+    job = slurm_cluster.wait(job_id, timeout_s=600)
     log = job.output()
     assert job.ok, f"{job.state} {job.exit_code}\n{log[-3000:]}\n{slurm_cluster.logs()}"
-    assert Path(job.stdout_path) == out / f"slurm-{job.job_id}.out"
-    assert "fsdp2-full on 2 × cpu: 12 steps of 1,024 tokens" in log
+    assert job.info.get("Restarts") == "1", job.info
+    assert "checkpointed before the time limit; requeueing job" in log
+    stopped = _events(out, "stopped")
+    assert len(stopped) == 1 and 4 <= stopped[0]["step"] < 12, stopped
+    resumed = _events(out, "start")[-1]
+    assert resumed["step"] == stopped[0]["step"]
+    assert Path(resumed["resumed_from"]).name == f"step-{stopped[0]['step']}"
     _check_trained(out, plan)
+    expected, got = _losses(reference), _losses(out)
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), (step, got[step], expected[step])

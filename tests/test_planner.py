@@ -116,7 +116,8 @@ def test_70b_qlora_loads_on_one_h100_and_fits():
 
 
 def test_tokens_estimated_from_corpus_bytes_when_no_budget(minimal_recipe):
-    plan = _plan(minimal_recipe({"training": {"tokens": None, "epochs": 2}}))
+    plan = _plan(minimal_recipe({"data": {"seq_len": 8}, "training": {"tokens": None, "epochs": 2, "global_batch_tokens": None,
+                                                                       "global_batch_sequences": 8}}))
     corpus_bytes = len("Zero trust architecture.\n" * 40)
     assert plan["cost"]["tokens_exact"] is False
     assert plan["cost"]["tokens"] == int(corpus_bytes * 0.25 * 2)
@@ -145,11 +146,28 @@ def test_sequences_past_max_position_embeddings_plan_with_a_located_warning(mini
     assert result.exit_code in (0, 3)
     plan = json.loads(result.stdout)
     assert plan["batch"]["seq_len"] == 262144
-    assert plan["warnings"] == [
+    assert plan["warnings"][:1] == [  # then: the 1 kB corpus cannot fill a step (a warning with a token budget)
         f"{path}:7:12: seq_len 262,144 exceeds the model's max_position_embeddings 131,072 (the config's rope_scaling "
         '{"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, '
         '"rope_type": "llama3"}); quality past it is the recipe\'s responsibility']
     assert f"warning: {plan['warnings'][0]}" in result.stderr
+
+
+def test_a_corpus_short_of_one_optimizer_step_is_an_error_or_with_a_token_budget_a_warning(minimal_recipe):
+    short = minimal_recipe({"training": {"tokens": None, "epochs": 2}})  # 1 kB corpus, 256 sequences of 4096
+    result = CliRunner().invoke(main, ["validate", str(short)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"error: {short}:6:3: the corpus (1,000 bytes ≈ 0 training sequences of 4,096 tokens at 0.25 tokens/byte, "
+        "less the 0.01 validation share) cannot fill one optimizer step of 256 sequences; add data, or lower the "
+        "global batch (training.global_batch_sequences) or data.seq_len\n")
+    budget = minimal_recipe({"training": {"tokens": 10**9}})
+    result = CliRunner().invoke(main, ["plan", str(budget), "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["warnings"] == [
+        f"{budget}:6:3: the corpus (1,000 bytes ≈ 0 training sequences of 4,096 tokens at 0.25 tokens/byte, less "
+        "the 0.01 validation share) cannot fill one optimizer step of 256 sequences; the plan sizes training.tokens "
+        "1,000,000,000, but the runtime will not train until the corpus fills a step"]
 
 
 def test_405b_qlora_planned_like_torchtunes_run_fits_at_or_below_its_measured_peak():

@@ -40,6 +40,7 @@ def _masked(text: str, out: Path, plan: dict) -> str:
     # Paths differ between checkouts, and with them the hashes over the resolved recipe; the hashes are
     # checked by test_plan_hashes_cover_recipe_and_plan and determinism by the byte-identical test.
     text = text.replace(plan["recipe_sha256"], "<RECIPE_SHA256>").replace(plan["plan_sha256"], "<PLAN_SHA256>")
+    text = text.replace(plan["trajectory_sha256"], "<TRAJECTORY_SHA256>")
     text = text.replace(str(out), "<OUT>").replace(str(REPO), "<REPO>")
     # provenance is outside both hashes and may change between versions; everything else is pinned.
     return text.replace(f'"dapc_version": "{_version()}"', '"dapc_version": "<VERSION>"').replace(
@@ -204,3 +205,32 @@ def test_render_where_it_cannot_write_is_one_located_line(tmp_path):
     result = _render_cli("examples/tiny/recipe.yaml", target)
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: {target}: cannot write here: ")
+
+
+def test_passthrough_env_is_named_in_every_artifact_and_its_value_never_written(tmp_path):
+    secret = "hf_s3cr3t-value"
+    out = tmp_path / "run"
+    files = _render("examples/tiny/recipe.yaml", out, ["launch.passthrough_env=[HF_TOKEN]"])
+    assert not any(secret in text for text in files.values())
+    assert 'export HF_TOKEN="${HF_TOKEN:?' in files["launch.sh"] and 'export HF_TOKEN="${HF_TOKEN:?' in files["job.sbatch"]
+    job = list(yaml.safe_load_all(files["pytorchjob.yaml"]))[1]
+    env = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "dapc-secrets", "key": "HF_TOKEN"}}} in env
+    # Not exported where the script runs: it stops before doing anything, naming the variable.
+    env_without = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    done = subprocess.run(["bash", str(out / "launch.sh")], env=env_without, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0 and not (out / "data").exists()
+    assert "HF_TOKEN: is passed through from the environment this script runs in: export it first" in done.stderr
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("[HF_TOKEN, HF_TOKEN]", "a name is listed twice"),
+    ("[MASTER_ADDR]", "'MASTER_ADDR' is set by the rendered launch scripts or torchrun"),
+    ("[PET_NNODES]", "'PET_NNODES' is set by the rendered launch scripts or torchrun"),
+    ("['1BAD']", "'1BAD' is not a valid environment variable name"),
+    ("[OMP_NUM_THREADS]", "OMP_NUM_THREADS is both set in launch.env and passed through; keep one"),
+])
+def test_passthrough_env_names_are_checked(tmp_path, value, message):
+    result = _render_cli("examples/tiny/recipe.yaml", tmp_path / "run", "--set", f"launch.passthrough_env={value}")
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr

@@ -28,8 +28,9 @@ def test_checkpoint_of_another_plan_is_refused_naming_the_file_and_both_hashes(p
     assert done.returncode == 2
     assert done.stderr == (
         f"error: {meta}: checkpoint was written under plan_sha256 {read_plan(first)['plan_sha256']}, but {other} has "
-        f"plan_sha256 {read_plan(other)['plan_sha256']}; resume with the plan that wrote it, or give this plan "
-        "another output directory\n"
+        f"plan_sha256 {read_plan(other)['plan_sha256']} and trains something else (model, method, data, global "
+        "batch, schedule or numerics differ); resume with the plan that wrote it, or give this plan another output "
+        "directory\n"
     )
 
 

@@ -51,7 +51,7 @@ def test_load_plan_reads_the_tiny_example(tiny_plan):
     ("edit", "message"),
     [
         (lambda p: p["batch"].pop("grad_accum"), "not a valid plan: batch.grad_accum: Field required"),
-        (lambda p: p.update(schema_version=1), ("schema_version 1 is not supported (this dapc reads 2); "
+        (lambda p: p.update(schema_version=1), ("schema_version 1 is not supported (this dapc reads 3); "
                                                 "compile the recipe again with this dapc")),
         (lambda p: p["recipe"]["training"].update(lr="fast"),
          "not a valid plan: recipe.training.lr: Input should be a valid number"),
@@ -104,7 +104,7 @@ def test_save_and_purge_keeps_last_k_complete_checkpoints(tmp_path: Path):
         save_checkpoint(root, step, {"plan_sha256": "a" * 64}, _write_step, keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-12", "step-8"]
     meta = json.loads((root / "step-12" / "meta.json").read_text())
-    assert (meta["plan_sha256"], meta["step"], meta["format_version"]) == ("a" * 64, 12, 1)
+    assert (meta["plan_sha256"], meta["step"], meta["format_version"]) == ("a" * 64, 12, 2)
     assert (root / "step-12" / "weights.bin").read_bytes() == b"x" * 16
 
 

@@ -19,8 +19,9 @@ SafeName = Annotated[str, StringConstraints(pattern=SAFE_NAME_PATTERN)]
 K8S_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 K8sLabel = Annotated[str, StringConstraints(pattern=K8S_LABEL_PATTERN)]
 # Variables the rendered scripts set or torchrun reads: an env entry of the same name would override them.
-RESERVED_ENV_NAMES = frozenset({"plan", "plan_dir", "master_addr", "master_port", "head_node", "DAPC_PLAN",
-                                "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"})
+RESERVED_ENV_NAMES = frozenset({"plan", "plan_dir", "master_addr", "master_port", "head_node", "stop_file",
+                                "missing", "child", "status", "DAPC_PLAN", "MASTER_ADDR", "MASTER_PORT", "RANK",
+                                "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PYTHONUNBUFFERED"})
 
 StrategyName = Literal[
     "ddp",
@@ -192,9 +193,16 @@ class SlurmSection(Section):
 class LaunchSection(Section):
     python: str = Field("python", min_length=1, description="Interpreter the scripts run.")
     rdzv_port: int = Field(29500, ge=1024, le=65535, description="torchrun c10d rendezvous port.")
-    container_image: str | None = Field(None, description="Image for the Kubernetes PyTorchJob.")
+    container_image: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$",
+                                        description="Image for the Kubernetes PyTorchJob (a registry reference).")
     namespace: K8sLabel = Field("default", description="Kubernetes namespace (an RFC 1123 label: a-z, 0-9, '-').")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables set for training.")
+    passthrough_env: list[str] = Field(
+        default_factory=list, description="Names of variables (tokens, passwords) the training processes take from "
+        "the environment the job is launched from; their values are never written into a rendered file. Kubernetes "
+        "reads each from the Secret `secrets_name`.")
+    secrets_name: K8sLabel = Field("dapc-secrets", description="Kubernetes Secret holding the passthrough_env "
+                                   "variables, one key per name.")
     cuda_expandable_segments: bool = Field(
         True, description="Run with PyTorch's expandable-segments CUDA allocator (less fragmentation); the memory "
         "model assumes what this says. Ignored where launch.env sets PYTORCH_CUDA_ALLOC_CONF.")
@@ -204,13 +212,33 @@ class LaunchSection(Section):
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
         for key, value in env.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
-            if key in RESERVED_ENV_NAMES or key.startswith(("SLURM_", "BASH")):
-                raise ValueError(f"{key!r} is set by the rendered launch scripts or torchrun; choose another name")
+            _check_env_name(key)
             if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in value):
                 raise ValueError(f"the value of {key} holds a control character")
         return env
+
+    @field_validator("passthrough_env")
+    @classmethod
+    def _passthrough_names(cls, names: list[str]) -> list[str]:
+        for key in names:
+            _check_env_name(key)
+        if len(set(names)) != len(names):
+            raise ValueError("a name is listed twice")
+        return names
+
+    @model_validator(mode="after")
+    def _env_named_once(self) -> "LaunchSection":
+        both = sorted(set(self.env) & set(self.passthrough_env))
+        if both:
+            raise ValueError(f"{both[0]} is both set in launch.env and passed through; keep one")
+        return self
+
+
+def _check_env_name(key: str) -> None:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise ValueError(f"{key!r} is not a valid environment variable name")
+    if key in RESERVED_ENV_NAMES or key.startswith(("SLURM_", "BASH", "PET_")):  # PET_*: the PyTorchJob operator
+        raise ValueError(f"{key!r} is set by the rendered launch scripts or torchrun; choose another name")
 
 
 class CheckpointSection(Section):

@@ -42,6 +42,7 @@ class FsdpSettings:
 class TrainPlan:
     path: str
     plan_sha256: str
+    trajectory_sha256: str  # equal across plans that differ only in the GPU layout: resumable across them
     # model
     model_source: str
     model_dtype: str  # bf16 | fp16 | fp32: recipe model.dtype
@@ -96,6 +97,7 @@ class TrainPlan:
     checkpoint_dir: str
     export_dir: str
     metrics_path: str
+    stop_file: str  # when it exists, checkpoint after the current step and exit (a preemption notice)
     # memory
     memory_total_bytes: int
     memory_counter: str
@@ -115,6 +117,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
     return TrainPlan(
         path=path,
         plan_sha256=plan.plan_sha256,
+        trajectory_sha256=plan.trajectory_sha256,
         model_source=r.model.source,
         model_dtype=r.model.dtype,
         model_init=r.model.init,
@@ -165,6 +168,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         checkpoint_dir=plan.paths.checkpoint_dir,
         export_dir=plan.paths.export_dir,
         metrics_path=plan.paths.metrics_path,
+        stop_file=plan.runtime.preemption.stop_file,
         memory_total_bytes=plan.memory.per_gpu_bytes.total,
         memory_counter=plan.memory.counter,
     )

@@ -1,8 +1,10 @@
 """The training run: resume if a checkpoint exists, step to `cost.steps`, checkpoint, measure, export.
 
-Order of a run: check the latest checkpoint's plan hash and the launch's world size (before any collective,
-so every rank fails alike) → build the model → wrap it in the plan's backend → restore states → train → final
-checkpoint → measured peak memory next to the plan's estimate → export (rank 0, from the final checkpoint).
+Order of a run: check that the latest checkpoint may be resumed by this plan (`resume.py`) and the launch's
+world size (before any collective, so every rank fails alike) → build the model → wrap it in the plan's
+backend → restore states → train → final checkpoint → measured peak memory next to the plan's estimate →
+export (rank 0, from the final checkpoint). When the plan's stop file appears (the Slurm job creates it on its
+preemption signal), the run checkpoints after the current step and returns without exporting.
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ import torch.distributed as dist
 
 from runtime import memory_probe
 from runtime.checkpoint import (
-    check_plan,
     clear_leftovers,
     latest_checkpoint,
-    load_trainer_state,
     restore_rng_state,
     rng_state,
     save_checkpoint,
@@ -35,6 +35,7 @@ from .metrics import MetricsLog, mfu
 from .model import build_model
 from .nf4 import NF4Linear
 from .optim import lr_at
+from .resume import Resume, check_resumable, trainer_state
 
 __all__ = ["train"]
 
@@ -43,14 +44,16 @@ _MIB = 1024**2
 
 def train(plan: TrainPlan) -> None:
     """Runs (or resumes) the plan's training on this rank; rank 0 exports at the end when the plan says so."""
-    resume_from = latest_checkpoint(plan.checkpoint_dir)
-    if resume_from is not None:  # checked by every rank before any collective, so all fail alike
-        check_plan(resume_from, plan.plan_sha256, plan.path)
+    latest = latest_checkpoint(plan.checkpoint_dir)
+    # Checked by every rank before any collective, so all fail alike.
+    resume = None if latest is None else check_resumable(latest, plan)
     d = init_distributed(plan)
     log = MetricsLog(plan.metrics_path, d.is_main)
     try:
-        final = _run(plan, d, log, resume_from)
-        if d.is_main and plan.export_hf:
+        final, finished = _run(plan, d, log, resume)
+        if finished and d.is_main:
+            Path(plan.stop_file).unlink(missing_ok=True)  # a notice that came too late to stop anything
+        if finished and d.is_main and plan.export_hf:
             from runtime.export import export_model
 
             target = export_model(plan, final)
@@ -62,8 +65,9 @@ def train(plan: TrainPlan) -> None:
         shutdown_distributed()
 
 
-def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume_from: Path | None) -> Path:
-    """Trains from the checkpoint (or step 0) to `cost.steps`; returns the final checkpoint's folder."""
+def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None) -> tuple[Path, bool]:
+    """Trains from the checkpoint (or step 0) to `cost.steps`, or until a stop is requested; returns the last
+    checkpoint's folder and whether training finished."""
     dataset = PackedDataset(plan.prepared_dir, split="train")
     sampler = _sampler(plan, d, dataset)
     if plan.backend == "deepspeed":
@@ -74,13 +78,14 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume_from: Path | N
     del model
     if d.is_main:
         clear_leftovers(plan.checkpoint_dir)
-    step = 0 if resume_from is None else _restore(engine, sampler, resume_from, d.rank)
-    log.record("start", step=step, steps=plan.steps, resumed_from=str(resume_from) if resume_from else None,
+    step = 0 if resume is None else _restore(engine, sampler, resume, d, log)
+    log.record("start", step=step, steps=plan.steps, resumed_from=str(resume.folder) if resume else None,
+               resumed_world_size=resume.world_size if resume else None,
                plan_sha256=plan.plan_sha256, strategy=plan.strategy, world_size=d.world_size, **params)
     log.say(f"{plan.strategy} on {d.world_size} × {d.device.type}: {plan.steps} steps of "
             f"{plan.global_batch_sequences * plan.seq_len:,} tokens"
-            + (f", resuming after step {step} from {resume_from}" if resume_from else ""))
-    final = resume_from
+            + (f", {resume.describe(d.world_size)} after step {step}" if resume else ""))
+    final = None if resume is None else resume.folder
     batches = _batches(dataset, sampler)
     tokens_per_step = plan.global_batch_sequences * plan.seq_len
     mark, steps_since_log = time.perf_counter(), 0
@@ -96,35 +101,54 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume_from: Path | N
                      mfu=mfu(tokens_per_second, plan.flops_per_token, d.world_size, plan.device_peak_flops),
                      peak_memory_bytes=_max_over_ranks(memory_probe.peak_bytes(plan.memory_counter), d))
             mark, steps_since_log = time.perf_counter(), 0
-        if step % plan.checkpoint_every_steps == 0 or step == plan.steps:
+        stop = step < plan.steps and _stop_requested(plan, d)
+        if stop or step % plan.checkpoint_every_steps == 0 or step == plan.steps:
             final = _save(plan, d, engine, sampler, step)
             log.record("checkpoint", step=step, path=str(final))
             mark = time.perf_counter()  # checkpoint time is not training throughput
-    _log_memory(plan, d, log)
+        if stop:
+            log.record("stopped", step=step, checkpoint=str(final), stop_file=plan.stop_file)
+            log.say(f"stopped after step {step} of {plan.steps} on request ({plan.stop_file}); checkpoint "
+                    f"{final} holds it, and relaunching resumes there")
+            break
+    else:
+        _log_memory(plan, d, log)
     del engine
     gc.collect()
-    return final
+    return final, step == plan.steps
 
 
 def _sampler(plan: TrainPlan, d: Distributed, dataset: PackedDataset) -> DistributedResumableSampler:
     if dataset.seq_len != plan.seq_len:
         raise PlanError(f"prepared data in {plan.prepared_dir} has seq_len {dataset.seq_len}, the plan's batch.seq_len "
                         f"is {plan.seq_len}; prepare again with this plan", plan.path)
-    per_step = d.world_size * plan.micro_batch
-    if len(dataset) < per_step:
+    if len(dataset) < plan.global_batch_sequences:
         raise PlanError(f"prepared data in {plan.prepared_dir} has {len(dataset)} training sequences, fewer than one "
-                        f"micro-step takes (world_size {d.world_size} × micro_batch {plan.micro_batch} = {per_step})",
-                        plan.path)
-    return DistributedResumableSampler(len(dataset), d.rank, d.world_size, plan.seed, plan.micro_batch)
+                        f"optimizer step takes ({plan.global_batch_sequences}); add data, or lower "
+                        "training.global_batch_sequences", plan.path)
+    return DistributedResumableSampler(len(dataset), d.rank, d.world_size, plan.seed, plan.micro_batch,
+                                       plan.global_batch_sequences)
 
 
-def _restore(engine: Engine, sampler: DistributedResumableSampler, folder: Path, rank: int) -> int:
+def _restore(engine: Engine, sampler: DistributedResumableSampler, resume: Resume, d: Distributed,
+             log: MetricsLog) -> int:
     """Loads model, optimizer, sampler and RNG states; returns the step the checkpoint was taken after."""
-    engine.load(folder)
-    state = load_trainer_state(folder, rank)
+    engine.load(resume.folder)
+    state, rng_applies = trainer_state(resume, d.rank, d.world_size)
     sampler.load_state_dict(state["sampler"])
-    restore_rng_state(state["rng"])  # last: building and loading may draw random numbers
+    if rng_applies:
+        restore_rng_state(state["rng"])  # last: building and loading may draw random numbers
+    else:
+        log.say(f"world size {resume.world_size} → {d.world_size}: the data order continues at the same sample; "
+                "random streams (dropout) start afresh")
     return state["step"]
+
+
+def _stop_requested(plan: TrainPlan, d: Distributed) -> bool:
+    """Whether the stop file exists, as rank 0 sees it, agreed by every rank (one small collective per step)."""
+    flag = torch.tensor([int(d.is_main and Path(plan.stop_file).exists())], dtype=torch.int32, device=d.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[torch.Tensor],
@@ -164,9 +188,11 @@ def _save(plan: TrainPlan, d: Distributed, engine: Engine, sampler: DistributedR
         engine.save(folder)
         path = trainer_state_path(folder, d.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(trainer_state, path)
+        with open(path, "wb") as f:  # a file object: a full disk surfaces as OSError, not a bare RuntimeError
+            torch.save(trainer_state, f)
 
-    meta = {"plan_sha256": plan.plan_sha256, "world_size": d.world_size, "backend": plan.backend,
+    meta = {"plan_sha256": plan.plan_sha256, "trajectory_sha256": plan.trajectory_sha256,
+            "world_size": d.world_size, "backend": plan.backend,
             "strategy": plan.strategy, "method": plan.method}
     return save_checkpoint(plan.checkpoint_dir, step, meta, write, plan.keep_last)
 

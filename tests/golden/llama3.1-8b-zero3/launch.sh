@@ -9,6 +9,8 @@ master_addr="${MASTER_ADDR:-127.0.0.1}"
 master_port="${MASTER_PORT:-29500}"
 export NCCL_DEBUG=WARN
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+# Creating this file asks the trainer to checkpoint after its current step and exit (a preemption notice).
+rm -f <OUT>/stop-requested
 
 # Corpus → packed token shards. Resumable, and a no-op once complete.
 python -m runtime.prepare --plan "${plan}"

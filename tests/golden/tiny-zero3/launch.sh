@@ -8,6 +8,8 @@ plan="${plan_dir}/plan.json"
 master_addr="${MASTER_ADDR:-127.0.0.1}"
 master_port="${MASTER_PORT:-29500}"
 export OMP_NUM_THREADS=1
+# Creating this file asks the trainer to checkpoint after its current step and exit (a preemption notice).
+rm -f <OUT>/stop-requested
 
 # Corpus → packed token shards. Resumable, and a no-op once complete.
 python -m runtime.prepare --plan "${plan}"
