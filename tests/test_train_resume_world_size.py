@@ -79,3 +79,12 @@ def test_deepspeed_checkpoint_on_another_world_size_is_refused_naming_both(prepa
                                               r"ranks\. DeepSpeed ZeRO checkpoints are partitioned per rank"):
         check_resumable(folder, plan)
 
+
+
+def test_checkpoint_metadata_without_world_size_is_one_checkpoint_error(prepared_dir, tmp_path):
+    plan = load_plan(compile_plan(tmp_path, prepared_dir, *_layout(1)))
+    folder = Path(plan.checkpoint_dir) / "step-2"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"plan_sha256": plan.plan_sha256, "step": 2}))
+    with pytest.raises(CheckpointError, match="names no world_size and backend: not written by this runtime"):
+        check_resumable(folder, plan)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint import CheckpointError, load_trainer_state, read_meta
+from runtime.checkpoint import META_NAME, CheckpointError, load_trainer_state, read_meta
 
 from .config import TrainPlan
 
@@ -45,8 +45,11 @@ def check_resumable(folder: Path, plan: TrainPlan) -> Resume:
     """Returns how `plan` resumes from the checkpoint `folder`; raises CheckpointError (naming both plans, or
     both world sizes) when it cannot. Reads files only: every rank calls it before any collective."""
     meta = read_meta(folder)
-    where = str(folder / "meta.json")
-    saved_world, saved_backend = int(meta["world_size"]), str(meta["backend"])
+    where = str(folder / META_NAME)
+    if not isinstance(meta.get("world_size"), int) or not isinstance(meta.get("backend"), str):
+        raise CheckpointError("checkpoint metadata names no world_size and backend: not written by this runtime",
+                              where)
+    saved_world, saved_backend = meta["world_size"], meta["backend"]
     if meta.get("plan_sha256") == plan.plan_sha256:
         return Resume(folder, saved_world, saved_backend, same_plan=True)
     if meta.get("trajectory_sha256") != plan.trajectory_sha256:
