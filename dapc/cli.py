@@ -141,6 +141,30 @@ def schema() -> None:
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2, sort_keys=True))
 
 
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--set-a", "overrides_a", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a field of recipe A (repeatable).")
+@click.option("--set-b", "overrides_b", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a field of recipe B (repeatable).")
+@click.option("--exit-code", is_flag=True, help="Exit 1 when the plans differ, like `git diff --exit-code`.")
+@_json_option
+def diff(a: Path, b: Path, overrides_a: tuple[str, ...], overrides_b: tuple[str, ...], exit_code: bool,
+         as_json: bool) -> None:
+    """Compare A and B, each a recipe or a plan.json: the resolved fields that differ and what they change
+    (memory per GPU, fit, strategy, batch, time, cost). Exit 0 even when they differ (1 with --exit-code)."""
+    from dapc.diff import diff_files, diff_json_text, print_diff
+
+    result = diff_files(a, b, overrides_a, overrides_b)
+    if as_json:
+        click.echo(diff_json_text(result), nl=False)
+    else:
+        print_diff(result, _stdout())
+    if exit_code and result.differ:
+        sys.exit(1)
+
+
 _PASS_THROUGH = {"context_settings": {"ignore_unknown_options": True, "allow_extra_args": True,
                                       "help_option_names": []}}
 

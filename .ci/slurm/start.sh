@@ -106,7 +106,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire (default 120 s) is also how long a requeued job waits before it may start again: the
+# preemption test requeues one, and a credential here needs to outlive a local step launch only.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=20
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
