@@ -21,6 +21,7 @@ CTI_HEADER = "URL\tQuestion\tOption A\tOption B\tOption C\tOption D\tPrompt\tGT\
 def test_cti_fixture_loads_with_crlf_nan_option_and_lowercase_gt():
     questions = cti_mcq.load(FIXTURES / "cti-mcq.tsv")
     assert [q.gold for q in questions] == ["A", "A", "B", "C", "A", "B", "C", "D"]
+    assert [q.id for q in questions] == [str(i) for i in range(8)]
     assert questions[5].options == ("Enterprise", "ICS", "Mobile", "nan")
     assert questions[5].row == f"{FIXTURES / 'cti-mcq.tsv'}:7"
     assert not any("\r" in q.prompt for q in questions)
@@ -29,8 +30,10 @@ def test_cti_fixture_loads_with_crlf_nan_option_and_lowercase_gt():
 def test_cybermetric_and_seceval_fixtures_load():
     cm = cybermetric.load(FIXTURES / "cybermetric.json")
     assert [q.gold for q in cm] == list("ABACDABCAB")
+    assert [q.id for q in cm] == [str(i) for i in range(10)]
     se = seceval.load(FIXTURES / "seceval.json")
     assert [q.gold for q in se] == ["A", "AC", "B", "ABD", "A", "CD", "BC", "D"]
+    assert se[1].id == "fixture-1"
     assert se[1].options[0] == "Setting the HttpOnly flag"
     assert se[1].topics == ("WebSecurity", "ApplicationSecurity")
 
@@ -70,9 +73,15 @@ def test_real_seceval_file_keeps_empty_and_doubled_answers():
         ("d", "D"),
         ("I cannot tell.", None),
         ("", None),
+        ("Answer: C\r\n", "C"),
+        ("x", "X"),  # the notebook's refusal mark: a valid answer, never right
+        ("**Answer: b**", "B"),  # `last_line[-3]`, then compared upper-cased
+        ("**", None),  # `last_line[-3]` raises: the notebook records "Error"
+        ("B\n\n", None),  # format_mcq looks back one line only, then keeps the whole text
+        ("B\n\nFinal answer as asked above.", None),
     ],
 )
-def test_cti_extract_letter_reads_the_last_line(response, letter):
+def test_cti_extract_letter_reads_the_last_line_as_format_mcq_does(response, letter):
     assert cti_mcq.extract_letter(response) == letter
 
 

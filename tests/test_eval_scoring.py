@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from runtime.evaluate import BENCHMARKS, Prompt, Question, score_generate, score_loglik, wilson_interval
+from runtime.evaluate import (
+    BENCHMARKS,
+    Prompt,
+    Question,
+    score_generate,
+    score_loglik,
+    score_responses,
+    wilson_interval,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 FILES = {"cti-mcq": "cti-mcq.tsv", "cybermetric": "cybermetric.json", "seceval": "seceval.json"}
@@ -98,6 +106,36 @@ def test_generate_counts_unreadable_answers_as_wrong_and_unparsed():
         StandIn(questions, lambda q: q.gold, lambda s: "no idea"), BENCHMARKS["cybermetric"], questions
     )
     assert (score.accuracy, score.unparsed) == (0.0, 10)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_supplied_responses_score_as_the_same_generated_responses(name):
+    questions, benchmark = _load(name), BENCHMARKS[name]
+    replies = [REPLY[name]("A") if i % 3 else "no idea" for i in range(len(questions))]
+
+    class Scripted(StandIn):
+        def generate(self, prompts, max_new_tokens):
+            return replies
+
+    generated = score_generate(Scripted(questions, str, str), benchmark, questions)
+    supplied = score_responses(benchmark, questions, replies)
+    assert (supplied.correct, supplied.unparsed, supplied.per_topic) == (
+        generated.correct,
+        generated.unparsed,
+        generated.per_topic,
+    )
+    assert (supplied.mode, supplied.k_shot, supplied.prompt_sha256, supplied.missing) == ("responses", None, None, 0)
+
+
+def test_cti_official_accuracy_divides_by_valid_answers_and_a_missing_response_is_unparsed():
+    questions = _load("cti-mcq")  # golds A A B C A B C D
+    score = score_responses(BENCHMARKS["cti-mcq"], questions, ["A", "x", "B", None, "A", "?", "C", "D"])
+    assert (score.correct, score.unparsed, score.missing) == (5, 2, 1)
+    assert (score.accuracy, score.official_accuracy) == (5 / 8, 5 / 6)
+    nothing = score_responses(BENCHMARKS["cti-mcq"], questions, ["?"] * 8)
+    assert (nothing.accuracy, nothing.official_accuracy) == (0.0, None)
+    cybermetric = score_responses(BENCHMARKS["cybermetric"], _load("cybermetric"), ["ANSWER: A"] * 10)
+    assert cybermetric.official_accuracy is None  # its official scorer divides by all questions
 
 
 def test_limit_scores_the_first_questions_and_the_prompt_hash_tracks_the_prompts():

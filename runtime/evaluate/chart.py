@@ -1,4 +1,4 @@
-"""A PNG chart of a comparison: accuracies with their 95% intervals, and perplexities."""
+"""A PNG chart of a comparison of N models: accuracies with their 95% intervals, and perplexities."""
 
 from __future__ import annotations
 
@@ -9,45 +9,52 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen before pyplot loads)
 
-from runtime.evaluate.report import Row  # noqa: E402
+from runtime.evaluate.report import Comparison, Row  # noqa: E402
 
-_WIDTH = 0.38
+# Width of the bars of one figure, all models together, in x-axis units (one unit per figure).
+_GROUP_WIDTH = 0.8
+_PANEL_WIDTH_INCHES = 6
+# Room for one legend entry (a model's name), inches: sets how many fit on a legend row.
+_LEGEND_ENTRY_INCHES = 2
+_PANELS = (
+    ("accuracy over all questions (%), 95% Wilson interval", "accuracy"),
+    ("perplexity (lower is better)", "perplexity"),
+)
 
 
-def write_chart(rows: list[Row], path: Path, model_label: str, base_label: str | None) -> Path:
-    """Bar charts, base beside adapted: accuracy (%) with error bars, and perplexity; returns
-    `path`."""
-    panels = [
-        (title, group)
-        for title, kind in (
-            ("accuracy (%), 95% Wilson interval", "accuracy"),
-            ("perplexity (lower is better)", "perplexity"),
-        )
-        if (group := [row for row in rows if row.kind == kind])
-    ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
+def write_chart(comparison: Comparison, path: Path) -> Path:
+    """Bar charts with a bar per model, in the comparison's order, side by side for each figure:
+    accuracy (%) with error bars, and perplexity; a model without a figure has no bar there.
+    Returns `path`."""
+    panels = [(title, group) for title, kind in _PANELS if (group := [r for r in comparison.rows if r.kind == kind])]
+    width_inches = _PANEL_WIDTH_INCHES * len(panels)
+    figure, axes = plt.subplots(1, len(panels), figsize=(width_inches, 4.4), squeeze=False)
+    count = len(comparison.labels)
+    width = _GROUP_WIDTH / count
     for ax, (title, group) in zip(axes[0], panels, strict=True):
-        names = [row.name for row in group]
-        xs = range(len(group))
-        series = [(base_label, "base", -_WIDTH / 2)] if base_label else []
-        series.append((model_label, "adapted", _WIDTH / 2 if base_label else 0))
-        for label, which, shift in series:
-            values = [getattr(row, which) for row in group]
-            intervals = [getattr(row, f"{which}_ci95") for row in group]
-            errors = (
-                [
-                    # max(0, ...): at 0% or 100% the Wilson bound equals the value up to float rounding
-                    [max(0.0, v - ci[0]) for v, ci in zip(values, intervals, strict=True)],
-                    [max(0.0, ci[1] - v) for v, ci in zip(values, intervals, strict=True)],
-                ]
-                if all(intervals)
-                else None
-            )
-            ax.bar([x + shift for x in xs], values, _WIDTH, yerr=errors, capsize=4, label=label)
-        ax.set_xticks(list(xs), names)
+        for index, label in enumerate(comparison.labels):
+            shift = (index - (count - 1) / 2) * width
+            xs, values, errors = _bars(group, index)
+            # The same colour for a model in every panel, and one legend entry per model.
+            ax.bar([x + shift for x in xs], values, width, yerr=errors, capsize=3, label=label, color=f"C{index}")
+        ax.set_xticks(range(len(group)), [row.name for row in group])
         ax.set_title(title)
-    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=2)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    columns = min(count, max(1, width_inches // _LEGEND_ENTRY_INCHES))
+    legend_rows = -(-count // columns)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", ncol=columns)
+    figure.tight_layout(rect=(0, 0.03 + 0.06 * legend_rows, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _bars(group: list[Row], index: int) -> tuple[list[int], list[float], list[list[float]] | None]:
+    """Model `index`'s bars: x positions, heights, and error bars when every bar has an interval."""
+    bars = [(x, row.values[index], row.ci95[index]) for x, row in enumerate(group) if row.values[index] is not None]
+    if not bars or not all(ci for _, _, ci in bars):
+        return [x for x, _, _ in bars], [v for _, v, _ in bars], None
+    # max(0, ...): at 0% or 100% the Wilson bound equals the value up to float rounding
+    low = [max(0.0, value - ci[0]) for _, value, ci in bars]
+    high = [max(0.0, ci[1] - value) for _, value, ci in bars]
+    return [x for x, _, _ in bars], [v for _, v, _ in bars], [low, high]

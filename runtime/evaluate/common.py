@@ -25,7 +25,8 @@ class Question:
 
     `row` says where it came from (`file:line` or `file:[index]`), `options` are the texts of
     A..D in order, `gold` the correct letters upper-cased and sorted ("B", or "AC" for SecEval),
-    `prompt` the benchmark's own generation prompt where the file ships one (CTI-MCQ).
+    `prompt` the benchmark's own generation prompt where the file ships one (CTI-MCQ), `id` what
+    a supplied response names the question by (see `Benchmark.id_rule`; "" when the file gives none).
     """
 
     row: str
@@ -34,6 +35,7 @@ class Question:
     gold: str
     topics: tuple[str, ...] = ()
     prompt: str = ""
+    id: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,16 @@ class Benchmark:
     load: Callable[[Path], list[Question]]
     generation_prompt: Callable[[Question], Prompt]
     extract: Callable[[str], str | None]
-    """The official rule that reads the answer letters from a response; None when it finds none."""
+    """The official rule that reads the answer from a response: letters, or a mark the official
+    scorer accepts as an answer (CTI-MCQ's "X"); None when the official scorer finds none."""
     max_new_tokens: int
     generation_shots: tuple[int, int]
     """Worked examples inside the official generation prompt: (plain, chat)."""
+    id_rule: str
+    """What the "id" of a supplied response is for this benchmark, in words (for --help and errors)."""
+    official_over_parsed: bool = False
+    """True when the official scorer divides the correct answers by the responses its rule could
+    read rather than by all questions (CTI-MCQ)."""
 
 
 def question_text(question: Question) -> str:

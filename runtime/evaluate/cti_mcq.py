@@ -3,18 +3,20 @@ questions on cyber threat intelligence, a tab-separated file with a ready-made g
 
 Official scoring, from github.com/xashru/cti-bench at commit cb79d156:
 - `evaluation/model-prediction.ipynb`, `format_mcq`: the answer is read from the response's last
-  line: a line starting "A)".."D)" gives that letter, a line ending in A..D gives its last
-  character, a line ending in "**" gives the character three from the end; when the last line is
-  empty the line before it is read the same way; otherwise the whole response (lines joined by
-  spaces) is kept. We read the last non-empty line, which is the same for every response that ends
-  in at most one newline.
+  line (split on "\\n", right-stripped): a line starting "A)".."D)" gives that letter, a line
+  ending in A..D gives its last character, a line ending in "**" gives the character three from
+  the end; when the last line is empty the line before it (and only that one) is read the same
+  way; otherwise the whole response, lines joined by spaces, is kept. `extract_letter` is that
+  function, line for line, followed by the notebook's upper-casing and its validity test.
 - `evaluation/evaluation.ipynb`, `compute_mcq_accuracy`: `pred.upper() == gt.upper()`, which is
-  how the one lower-case GT ("b", row 110) counts. That notebook divides by the responses that
-  parsed (A-D or X); we divide by all questions and report the unparsed count, so a model that
-  answers nothing readable scores 0, not 0/0. On the published responses both give the same
-  numbers (GPT-4 71.00, GPT-3.5 54.12, LLAMA3-70B 65.76).
+  how the one lower-case GT ("b", row 110) counts, over the answers that are valid: A-D, or X
+  (the notebook's mark for a refusal). We report that (`official_accuracy`) and accuracy over all
+  questions, with the count of invalid answers as unparsed, so a model that answers nothing
+  readable scores 0 next to an undefined official accuracy, not 0/0.
 - The files were read with `pandas.read_csv(sep="\\t")`, which turns an empty cell into NaN; the
   shipped `Prompt` column therefore shows an empty option as "nan" (5 rows), and so do we.
+- A supplied response's id is the question's 0-based data row in the file (the header is not a
+  row): 0 is the question on line 2.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ SYSTEM_PROMPT = "You are a cybersecurity expert specializing in cyberthreat inte
 # pandas' rendering of an empty cell, as it appears in the shipped Prompt column.
 EMPTY_OPTION = "nan"
 
+# What compute_mcq_accuracy counts as an answer: a letter, or X for a refusal.
+VALID_ANSWERS = (*LETTERS, "X")
+
 
 def normalize_gold(gt: str) -> str:
     """The GT letter as the official scorer compares it: upper-cased."""
@@ -41,19 +46,32 @@ def normalize_gold(gt: str) -> str:
 
 
 def extract_letter(response: str) -> str | None:
-    """The answer letter (A-D) that `format_mcq` reads from a response, or None."""
-    lines = [line.rstrip() for line in response.split("\n") if line.strip()]
-    if lines:
-        last = lines[-1]
-        if last[:2] in ("A)", "B)", "C)", "D)"):
-            return last[0]
-        if last[-1] in LETTERS:
-            return last[-1]
-        if last.endswith("**") and len(last) >= 3 and last[-3] in LETTERS:
-            return last[-3]
-    # format_mcq keeps the joined text; evaluation.ipynb upper-cases it and compares it with GT.
-    joined = " ".join(response.split("\n")).upper()
-    return joined if joined in LETTERS else None
+    """The answer `format_mcq` reads from a response, upper-cased as `compute_mcq_accuracy`
+    compares it: "A".."D", or "X" (the notebook's refusal mark, a valid answer that is never
+    right); None for what the notebook counts invalid."""
+    lines = response.split("\n")
+    last = lines[-1].rstrip()
+    if last:
+        answer = _read_line(last)
+    elif len(lines) < 2:
+        answer = "Error"  # the notebook's `text.split('\n')[-2]` raises here and it records "Error"
+    else:
+        answer = _read_line(lines[-2].rstrip())
+    if answer is None:
+        answer = " ".join(lines)
+    answer = answer.upper()
+    return answer if answer in VALID_ANSWERS else None
+
+
+def _read_line(line: str) -> str | None:
+    if line[:2] in ("A)", "B)", "C)", "D)"):
+        return line[0]
+    if line[-1:] in LETTERS:
+        return line[-1]
+    if line.endswith("**"):
+        # `last_line[-3]` whatever it is; on "**" alone it raises and the notebook records "Error".
+        return line[-3] if len(line) >= 3 else "Error"
+    return None
 
 
 def load(path: Path) -> list[Question]:
@@ -68,7 +86,7 @@ def load(path: Path) -> list[Question]:
         f"{path}:1",
     )
     questions = []
-    for fields in reader:
+    for index, fields in enumerate(reader):
         location = f"{path}:{reader.line_num}"
         require(len(fields) == len(COLUMNS), f"row has {len(fields)} fields, expected {len(COLUMNS)}", location)
         record = dict(zip(COLUMNS, fields, strict=True))
@@ -77,7 +95,8 @@ def load(path: Path) -> list[Question]:
         gold = normalize_gold(record["GT"])
         require(gold in LETTERS, f'GT is "{record["GT"]}", expected one of A, B, C, D', location)
         options = tuple(record[f"Option {letter}"] or EMPTY_OPTION for letter in LETTERS)
-        questions.append(Question(location, record["Question"], options, gold, prompt=record["Prompt"]))
+        question = Question(location, record["Question"], options, gold, prompt=record["Prompt"], id=str(index))
+        questions.append(question)
     require(bool(questions), "no questions after the header", str(path))
     return questions
 
@@ -101,4 +120,6 @@ BENCHMARK = Benchmark(
     # The notebook's max_tokens: the prompt asks for reasoning, then the letter on the last line.
     max_new_tokens=2048,
     generation_shots=(0, 0),
+    id_rule="the question's 0-based data row in the .tsv (0 is the question on line 2)",
+    official_over_parsed=True,
 )

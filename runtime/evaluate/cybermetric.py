@@ -9,6 +9,8 @@ D) only. Always return in this format: 'ANSWER: X' "; the letter is the first ma
 `ANSWER:?\\s*([A-D])` (case-insensitive), upper-cased, compared with `solution`. The evaluator
 re-asks up to 5 times when nothing matches; under greedy decoding a re-ask returns the same text,
 so we ask once and count no match as wrong.
+
+A supplied response's id is the question's 0-based position in the file's "questions" list.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def load(path: Path) -> list[Question]:
         solution = record.get("solution")
         require(solution in LETTERS, f'"solution" is {solution!r}, expected one of A, B, C, D', location)
         options = tuple(str(answers[letter]) for letter in LETTERS)
-        questions.append(Question(location, text, options, solution))
+        questions.append(Question(location, text, options, solution, id=str(index)))
     return questions
 
 
@@ -79,4 +81,5 @@ BENCHMARK = Benchmark(
     # The evaluator leaves the length to the API's default; the answer format needs a few tokens.
     max_new_tokens=64,
     generation_shots=(0, 0),
+    id_rule='the question\'s 0-based position in the file\'s "questions" list',
 )

@@ -7,9 +7,12 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dapc.errors import DapcError
-from runtime.evaluate.hf_model import HFModel
+
+if TYPE_CHECKING:  # the model module imports torch; reading text files does not need it
+    from runtime.evaluate.hf_model import HFModel
 
 # Text files, or token-id arrays (e.g. the shards `runtime.prepare` writes), or a function
 # returning such arrays.

@@ -4,9 +4,8 @@ perplexity texts, and write results.json, comparison.md and comparison.png."""
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,27 +22,14 @@ from rich.progress import (
 )
 
 from dapc.errors import DapcError
-from runtime.evaluate import cti_mcq, cybermetric, seceval
-from runtime.evaluate.chart import write_chart
+from runtime.evaluate.benchmarks import BENCHMARKS, load_benchmarks
 from runtime.evaluate.common import Benchmark, Question
 from runtime.evaluate.hf_model import DEFAULT_BATCH_TOKENS, HFModel, model_dir
+from runtime.evaluate.output import SCHEMA_VERSION, EvaluationResult, write_results
 from runtime.evaluate.perplexity import TextSource, perplexity
-from runtime.evaluate.report import comparison_rows, markdown_table, rich_table
-from runtime.evaluate.scoring import score_generate, score_loglik
+from runtime.evaluate.scoring import MODES, score_generate, score_loglik
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (cti_mcq.BENCHMARK, cybermetric.BENCHMARK, seceval.BENCHMARK)}
-MODES = ("loglik", "generate")
-SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    """What `run_evaluation` wrote: the results document (as in results.json) and the paths."""
-
-    results: dict[str, Any]
-    results_path: Path
-    table_path: Path
-    chart_path: Path
+__all__ = ["BENCHMARKS", "MODES", "EvaluationResult", "run_evaluation"]
 
 
 def run_evaluation(
@@ -68,9 +54,9 @@ def run_evaluation(
     """Evaluate the Hugging Face model directory `model`, and `compare_to` (the model it was
     adapted from) when given, and write to `out_dir`:
     results.json (per model: path, revision, per benchmark n / correct / accuracy and its 95%
-    Wilson interval as fractions 0-1 / mode / k-shot / prompt hash, and perplexities), comparison.md
-    (the table, base vs adapted with changes) and comparison.png; the table is also printed to
-    `console` (default: stderr).
+    Wilson interval as fractions 0-1 / mode / k-shot / prompt hash, and perplexities; "model_order"
+    and "baseline" say how the comparison lists them), comparison.md (the table, base vs adapted
+    with changes) and comparison.png; the table is also printed to `console` (default: stderr).
 
     benchmarks: benchmark name ("cti-mcq", "cybermetric", "seceval") -> its file.
     general_text, domain_text: perplexity sources (text files or directories, or token-id arrays,
@@ -96,7 +82,7 @@ def run_evaluation(
     for path in (model, compare_to):
         if path is not None:
             model_dir(path)  # both models exist before either is evaluated
-    loaded = _load_benchmarks(benchmarks)
+    loaded = load_benchmarks(benchmarks)
     texts = {
         name: source for name, source in (("general", general_text), ("domain", domain_text)) if source is not None
     }
@@ -124,18 +110,18 @@ def run_evaluation(
     models = {"model": evaluate(model)}
     if compare_to is not None:
         models["compare_to"] = evaluate(compare_to)
-    results = {"schema_version": SCHEMA_VERSION, "settings": settings, "models": models}
-    return _write(results, Path(out_dir), console)
-
-
-def _load_benchmarks(files: Mapping[str, str | Path]) -> dict[str, tuple[Benchmark, list[Question]]]:
-    """Read every benchmark file before any model loads, so a bad file fails fast."""
-    loaded = {}
-    for name, path in files.items():
-        if name not in BENCHMARKS:
-            raise DapcError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-        loaded[name] = (BENCHMARKS[name], BENCHMARKS[name].load(Path(path)))
-    return loaded
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "settings": settings,
+        "models": models,
+        "model_order": ["compare_to", "model"] if compare_to is not None else ["model"],
+        "baseline": "compare_to" if compare_to is not None else None,
+    }
+    labels = {
+        "model": f"model: {Path(models['model']['path']).name}",
+        "compare_to": f"base: {Path(models['compare_to']['path']).name}" if compare_to is not None else "",
+    }
+    return write_results(results, labels, Path(out_dir), console)
 
 
 def _evaluate_model(
@@ -178,19 +164,3 @@ def _evaluate_model(
         "benchmarks": scores,
         "perplexity": perplexities,
     }
-
-
-def _write(results: dict[str, Any], out_dir: Path, console: Console) -> EvaluationResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_label = Path(results["models"]["model"]["path"]).name
-    base = results["models"].get("compare_to")
-    base_label = Path(base["path"]).name if base else None
-    rows = comparison_rows(results)
-    results_path = out_dir / "results.json"
-    results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    table_path = out_dir / "comparison.md"
-    table_path.write_text(markdown_table(rows, model_label, base_label))
-    chart_path = write_chart(rows, out_dir / "comparison.png", model_label, base_label)
-    console.print(rich_table(rows, escape(model_label), escape(base_label) if base_label else None))
-    console.print(f"results: {escape(str(results_path))}")
-    return EvaluationResult(results, results_path, table_path, chart_path)

@@ -1,17 +1,21 @@
-"""Score a model on a benchmark's questions, by log-likelihood or by generation, in batches."""
+"""Score a model on a benchmark's questions, by log-likelihood or by generation, in batches, or score
+responses produced elsewhere; generated and supplied responses are read by the same official rule."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runtime.evaluate.common import Benchmark, LanguageModel, Question, loglik_context, wilson_interval
 
 # Questions handed to the model per call: large enough for the model to batch, small enough for
 # the progress bar to move.
 QUESTIONS_PER_CALL = 64
+
+# How a model is scored here: the best-scoring option, or the official prompt and answer rule.
+MODES = ("loglik", "generate")
 
 Progress = Callable[[int], None]
 
@@ -27,10 +31,15 @@ class TopicScore:
 
 @dataclass(frozen=True)
 class BenchmarkScore:
-    """One model on one benchmark. `accuracy` and `ci95` (Wilson, 95%) are fractions 0-1;
-    `prompt_sha256` hashes every prompt and scored continuation, so two runs with equal hashes
-    asked exactly the same; `unparsed` counts responses the official rule could not read
-    (generation mode only); `per_topic` is filled for benchmarks whose questions carry topics."""
+    """One model on one benchmark. `accuracy` (correct over all `n` questions) and `ci95` (Wilson,
+    95%) are fractions 0-1; `mode` is "loglik", "generate" or "responses" (supplied, not
+    generated here); `k_shot` and `prompt_sha256` (a hash of every prompt and scored continuation,
+    so two runs with equal hashes asked exactly the same) are None for supplied responses, whose
+    prompts dapc never saw. The rest is None in log-likelihood mode: `unparsed` counts responses
+    the official rule could not read, questions without a response included; `missing` counts
+    those questions (supplied responses only); `official_accuracy` is correct over the responses
+    the rule could read, as the official scorer divides (CTI-MCQ only; None when none could be
+    read). `per_topic` is filled for benchmarks whose questions carry topics."""
 
     benchmark: str
     n: int
@@ -38,9 +47,11 @@ class BenchmarkScore:
     accuracy: float
     ci95: tuple[float, float]
     mode: str
-    k_shot: int
-    prompt_sha256: str
+    k_shot: int | None
+    prompt_sha256: str | None
     unparsed: int | None = None
+    missing: int | None = None
+    official_accuracy: float | None = None
     per_topic: dict[str, TopicScore] = field(default_factory=dict)
 
 
@@ -90,18 +101,43 @@ def score_generate(
     benchmark's), and read the answer with the official rule."""
     evaluated = questions[:limit] if limit else questions
     hasher = hashlib.sha256(json.dumps({"chat": model.chat}).encode())
-    picks: list[str | None] = []
+    responses: list[str] = []
     for start in range(0, len(evaluated), QUESTIONS_PER_CALL):
         prompts = [benchmark.generation_prompt(q) for q in evaluated[start : start + QUESTIONS_PER_CALL]]
         for prompt in prompts:
             hasher.update(json.dumps([prompt.plain, prompt.chat]).encode())
-        responses = model.generate(prompts, max_new_tokens or benchmark.max_new_tokens)
-        picks += [benchmark.extract(response) for response in responses]
+        responses += model.generate(prompts, max_new_tokens or benchmark.max_new_tokens)
         if progress:
             progress(len(prompts))
     k_shot = benchmark.generation_shots[1 if model.chat else 0]
+    return _score_responses(benchmark, evaluated, responses, "generate", k_shot, hasher.hexdigest())
+
+
+def score_responses(
+    benchmark: Benchmark, questions: Sequence[Question], responses: Sequence[str | None]
+) -> BenchmarkScore:
+    """Read `responses[i]`, the answer some model gave to `questions[i]`, with the official rule
+    and score them as `score_generate` scores its own; a None response (the question went
+    unanswered) counts as unparsed and in `missing`."""
+    missing = sum(response is None for response in responses)
+    return _score_responses(benchmark, questions, responses, "responses", None, None, missing)
+
+
+def _score_responses(
+    benchmark: Benchmark,
+    questions: Sequence[Question],
+    responses: Sequence[str | None],
+    mode: str,
+    k_shot: int | None,
+    prompt_sha256: str | None,
+    missing: int | None = None,
+) -> BenchmarkScore:
+    picks = [None if response is None else benchmark.extract(response) for response in responses]
     unparsed = sum(pick is None for pick in picks)
-    return _score(benchmark, evaluated, picks, "generate", k_shot, hasher.hexdigest(), unparsed)
+    score = _score(benchmark, questions, picks, mode, k_shot, prompt_sha256, unparsed)
+    parsed = len(questions) - unparsed
+    official = score.correct / parsed if benchmark.official_over_parsed and parsed else None
+    return replace(score, missing=missing, official_accuracy=official)
 
 
 def _score(
@@ -109,8 +145,8 @@ def _score(
     questions: Sequence[Question],
     picks: Sequence[str | None],
     mode: str,
-    k_shot: int,
-    prompt_sha256: str,
+    k_shot: int | None,
+    prompt_sha256: str | None,
     unparsed: int | None,
 ) -> BenchmarkScore:
     hits = [pick == q.gold for q, pick in zip(questions, picks, strict=True)]

@@ -11,6 +11,9 @@ so "CA" and "AC" are the same set; the file's quirks are kept as the official sc
 7 empty answers match only a response with no letter A-D in it, and 2 "AA" answers match nothing
 (a set has no repeated letter). In log-likelihood mode the 15 non-empty letter sets are scored,
 so those 9 questions count wrong.
+
+A supplied response's id is the record's own "id" (a string such as
+"282cd7f6-86f9-4174-95c2-df26b2b6395e").
 """
 
 from __future__ import annotations
@@ -132,7 +135,9 @@ def load(path: Path) -> list[Question]:
             location,
         )
         options = tuple(c[3:] for c in choices)
-        questions.append(Question(location, text, options, normalize_gold(answer), topics=tuple(topics)))
+        # eval.py never reads "id"; only supplied responses need it, so its absence is refused there.
+        question_id = record.get("id") if isinstance(record.get("id"), str) else ""
+        questions.append(Question(location, text, options, normalize_gold(answer), tuple(topics), id=question_id))
     return questions
 
 
@@ -157,4 +162,5 @@ BENCHMARK = Benchmark(
     # eval.py's pipeline_kwargs max_new_tokens.
     max_new_tokens=5,
     generation_shots=(5, 1),
+    id_rule='the record\'s own "id" string in questions.json',
 )
