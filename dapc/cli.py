@@ -165,6 +165,22 @@ def diff(a: Path, b: Path, overrides_a: tuple[str, ...], overrides_b: tuple[str,
         sys.exit(1)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_json_option
+def report(run_dir: Path, as_json: bool) -> None:
+    """Progress, throughput and memory of the run in RUN_DIR next to its plan.json, while it runs or after; writes
+    charts and report.md into RUN_DIR/report/."""
+    from dapc.run_report import print_run_report, report_json_text, report_run
+
+    result = report_run(run_dir)
+    _warn(result.warnings)
+    if as_json:
+        click.echo(report_json_text(result), nl=False)
+    else:
+        print_run_report(result, _stdout())
+
+
 _PASS_THROUGH = {"context_settings": {"ignore_unknown_options": True, "allow_extra_args": True,
                                       "help_option_names": []}}
 
@@ -181,7 +197,8 @@ def prepare(ctx: click.Context) -> None:
 @main.command(name="eval", **_PASS_THROUGH)
 @click.pass_context
 def eval_(ctx: click.Context) -> None:
-    """Benchmarks and perplexity: `dapc eval --model DIR [--compare-to DIR] ...` (runs runtime.evaluate)."""
+    """Benchmarks and perplexity: `dapc eval --model DIR [--compare-to DIR] ...`, or score answers produced
+    elsewhere: `dapc eval --responses MODEL:BENCH=FILE.jsonl ...` (runs runtime.evaluate)."""
     from runtime.evaluate.__main__ import main as evaluate_main
 
     sys.exit(evaluate_main(list(ctx.args)))

@@ -86,6 +86,7 @@ class Workload:
     expandable_segments: bool = True  # the CUDA allocator mode the run uses
     fsdp_embedding_units: str = "auto"  # recipe training.fsdp_embedding_units
     zero_fp32_grad_partition: bool = True
+    loss_chunk_tokens: int = 0  # plan.json loss.chunk_tokens: 0 is the plain loss (dapc.loss)
 
     @property
     def loading(self) -> Loading:
@@ -315,8 +316,15 @@ def logits(w: Workload) -> Figure:
     its fp32 log-softmax output (4·s·b·V); the logits themselves are not kept for backward. In backward
     nll_loss's gradient (4) and log_softmax's (4) are alive together with that output: 12·s·b·V, in
     bf16 as in fp32 (the forward peak, c + 4 + 4, is lower).
+
+    The chunked loss (runtime/train/loss.py) keeps no chunk's logits past its forward; backward recomputes
+    one chunk of T = min(chunk, s·b) positions and holds the same three fp32 tensors for it: 12·T·V.
     """
     tokens = w.micro_batch * w.seq_len
+    if w.loss_chunk_tokens:
+        chunk = min(w.loss_chunk_tokens, tokens)
+        return Figure(12 * w.arch.vocab_size * chunk,
+                      f"12·T·V, T = {chunk} positions (one chunk's fp32 log-softmax + its two gradients, recomputed)")
     return Figure(12 * w.arch.vocab_size * tokens, "12·s·b·V (fp32 log-softmax + its two gradients)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from math import ceil
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any
 
 from dapc import __version__
 from dapc.cost import flops_per_token, run_cost
+from dapc.lock import installed_versions, python_version, tokenizer_identity
 from dapc.memory import GIB
 from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of, trajectory_of
-from dapc.planner import COMPONENTS, Candidate, Decision, expandable_segments
+from dapc.planner import COMPONENTS, Candidate, Decision, expandable_segments, loss_decision
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
 
@@ -98,9 +100,43 @@ def _time_limit_warnings(spec: Spec, preemption: dict[str, Any]) -> list[str]:
             f"{preemption['signal_seconds']} s before the limit; each requeued job would train only briefly"]
 
 
+def _tracking(spec: Spec) -> dict[str, Any]:
+    """Returns where rank 0 logs besides metrics.jsonl, every default and path resolved against `output`."""
+    r = spec.recipe
+    out = Path(r.output)
+    tb, wb, ml = r.logging.tensorboard, r.logging.wandb, r.logging.mlflow
+    return {
+        "run_name": r.name,
+        "tensorboard": {"log_dir": os.path.normpath(out / tb.dir)} if tb.enabled else None,
+        "wandb": {"mode": wb.mode, "project": wb.project or r.name, "entity": wb.entity,
+                  "dir": os.path.normpath(out / wb.dir)} if wb.enabled else None,
+        "mlflow": {"tracking_uri": _mlflow_uri(ml.tracking_uri, out),
+                   "experiment": ml.experiment or r.name} if ml.enabled else None,
+    }
+
+
+def _mlflow_uri(uri: str | None, out: Path) -> str:
+    """Returns the MLflow tracking URI: the recipe's, with a relative `file:` path made absolute under `out`, or a
+    file store at <out>/mlruns."""
+    if uri is None:
+        return (out / "mlruns").as_uri()
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return (out / uri.removeprefix("file:")).resolve().as_uri()
+    return uri
+
+
+def _tracking_warnings(spec: Spec) -> list[str]:
+    wb, launch = spec.recipe.logging.wandb, spec.recipe.launch
+    if wb.enabled and wb.mode == "online" and "WANDB_API_KEY" not in {*launch.passthrough_env, *launch.env}:
+        return ["logging.wandb.mode online: the training processes need W&B credentials; add WANDB_API_KEY to "
+                "launch.passthrough_env, or run `wandb login` on every node"]
+    return []
+
+
 def build_plan(spec: Spec, decision: Decision) -> Plan:
     """Returns the typed plan for a spec and the planner's decision, hashed."""
     c, r = decision.chosen, spec.recipe
+    loss = loss_decision(spec)
     hw = r.hardware
     cost_step = c.step
     run = run_cost(decision.steps, cost_step.step_seconds, spec.world_size, hw.usd_per_gpu_hour,
@@ -154,7 +190,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             for a in decision.alternatives
         ],
         "suggestions": decision.suggestions,
-        "warnings": [*spec.warnings, *_time_limit_warnings(spec, preemption)],
+        "warnings": [*spec.warnings, *_time_limit_warnings(spec, preemption), *_tracking_warnings(spec)],
         "fewest_gpus": None if decision.fewest_gpus is None else asdict(decision.fewest_gpus),
         "cost": {
             "tokens": decision.tokens,
@@ -163,7 +199,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "corpus_bytes": spec.corpus_bytes,
             "corpus_files": spec.corpus_files,
             "flops_per_token": _rounded(flops_per_token(spec.arch, spec.params, r.data.seq_len, r.method.name,
-                                                        c.activation_checkpointing)),
+                                                        c.activation_checkpointing, loss.chunk_tokens > 0)),
             "assumed_mfu": hw.assumed_mfu,
             "compute_seconds": _rounded(cost_step.compute_seconds),
             "comm_seconds": _rounded(cost_step.comm_seconds),
@@ -186,6 +222,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "files": [{"path": f.path, "bytes": f.bytes} for f in spec.corpus],
             "total_bytes": spec.corpus_bytes,
         },
+        "loss": {"kind": loss.kind, "chunk_tokens": loss.chunk_tokens, "reason": loss.reason},
         "loading": {"mode": c.loading.mode, "base_dtype": c.loading.base_dtype,
                     "trained_dtype": c.loading.trained_dtype, "reason": c.loading.reason},
         "schedule": {
@@ -199,8 +236,12 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "deepspeed": deepspeed_config(spec, c),
             "passthrough_env": list(r.launch.passthrough_env),
             "preemption": preemption,
+            "tracking": _tracking(spec),
         },
-        "provenance": {"dapc_version": __version__, "model_config_path": spec.arch.config_path},
+        "provenance": {"dapc_version": __version__, "model_config_path": spec.arch.config_path, "lock": {
+            "python": python_version(), "packages": installed_versions(),
+            "tokenizer_sha256": tokenizer_identity(r.data.tokenizer) if r.data.tokenizer else None,
+            "corpus_sha256": None}},
         "plan_sha256": "",
         "trajectory_sha256": "",
     }

@@ -215,6 +215,15 @@ class Loading(_Part):
     reason: str
 
 
+class LossInfo(_Part):
+    """How the runtime computes the cross-entropy (`dapc.loss`): over the whole micro-batch, or `chunk_tokens`
+    positions at a time inside the LM head (runtime/train/loss.py)."""
+
+    kind: Literal["plain", "chunked"]
+    chunk_tokens: int = Field(ge=0, description="0 for the plain loss.")
+    reason: str
+
+
 class Schedule(_Part):
     """The learning rate at every step: linear warmup to `peak_lr` over `warmup_steps`, then `kind` decay to
     `min_lr` at the last of `total_steps`."""
@@ -247,6 +256,34 @@ class Preemption(_Part):
     reason: str
 
 
+class TensorBoardTracking(_Part):
+    """TensorBoard: event files written into `log_dir` (offline; `tensorboard --logdir` reads them)."""
+    log_dir: str
+
+
+class WandbTracking(_Part):
+    """Weights & Biases, as `wandb.init` is called: `offline` writes under `dir`/wandb and opens no connection."""
+    mode: Literal["offline", "online"]
+    project: str
+    entity: str | None
+    dir: str
+
+
+class MlflowTracking(_Part):
+    """MLflow: the tracking URI (a `file:` URI is a local file store) and the experiment the run is logged in."""
+    tracking_uri: str
+    experiment: str
+
+
+class Tracking(_Part):
+    """Where the trainer's rank 0 sends each metrics.jsonl record besides the file (None: off). W&B and MLflow
+    keep one run per training, identified by `trajectory_sha256` and `paths.output_dir`: a resumed run appends."""
+    run_name: str
+    tensorboard: TensorBoardTracking | None
+    wandb: WandbTracking | None
+    mlflow: MlflowTracking | None
+
+
 class RuntimeSettings(_Part):
     """The backend settings the runtime applies as they are, and the training processes' environment."""
     env: dict[str, str] = Field(description="Environment of the training processes, as the launch files export it.")
@@ -257,12 +294,26 @@ class RuntimeSettings(_Part):
     fsdp: FsdpSettings | None
     deepspeed: dict[str, Any] | None = Field(description="ds_config.json, passed to DeepSpeed as is.")
     preemption: Preemption
+    tracking: Tracking
+
+
+class Lock(_Part):
+    """What the plan was made with (`dapc.lock`); the runtime warns where it runs with other versions or another
+    tokenizer, and refuses corpus files that changed since they were locked."""
+    python: str
+    packages: dict[str, str | None] = Field(description="Installed version of each of dapc.lock.PACKAGES, "
+                                            "None where it was not installed.")
+    tokenizer_sha256: str | None = Field(description="dapc.lock.tokenizer_identity of data.tokenizer; None where "
+                                         "the tokenizer is not on the planning machine.")
+    corpus_sha256: dict[str, str] | None = Field(description="sha256 of every corpus file, by path: written by "
+                                                 "`dapc render` (None in `dapc plan`, which does not read them).")
 
 
 class Provenance(_Part):
     """Where the plan came from; outside both hashes."""
     dapc_version: str
     model_config_path: str
+    lock: Lock
 
 
 class Plan(_Part):
@@ -292,6 +343,7 @@ class Plan(_Part):
     paths: Paths
     corpus: Corpus
     loading: Loading
+    loss: LossInfo
     schedule: Schedule
     runtime: RuntimeSettings
 
@@ -307,7 +359,8 @@ class Plan(_Part):
 
 # Recipe keys that lay the same training out over devices without changing its updates; everything else in
 # `recipe.training` (and the model, method and data sections) is part of the trajectory.
-_LAYOUT_TRAINING_KEYS = ("micro_batch", "activation_checkpointing", "fsdp_embedding_units", "log_every_steps",
+_LAYOUT_TRAINING_KEYS = ("micro_batch", "activation_checkpointing", "fsdp_embedding_units", "chunked_loss",
+                         "loss_chunk_tokens", "log_every_steps",
                          "global_batch_tokens", "global_batch_sequences")  # the last two: resolved, in `batch`
 
 

@@ -12,6 +12,7 @@ from dapc import cost, memory, memory_loading
 from dapc.compat import Setting, refusal
 from dapc.errors import DapcError
 from dapc.loading import Loading
+from dapc.loss import LossDecision, decide_loss
 from dapc.memory import GIB, Workload
 from dapc.models import lora_trainable_params
 from dapc.resolve import Spec
@@ -142,8 +143,15 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: b
         nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu, model_init=r.model.init,
         model_dtype=r.model.dtype, weights_dtype=r.training.weights_dtype,
         expandable_segments=expandable_segments(r), fsdp_embedding_units=r.training.fsdp_embedding_units,
+        loss_chunk_tokens=loss_decision(spec).chunk_tokens,
     )
     return replace(workload, **changes) if changes else workload
+
+
+def loss_decision(spec: Spec) -> LossDecision:
+    """Returns how the runtime computes the loss for this spec (plan.json `loss`)."""
+    t = spec.recipe.training
+    return decide_loss(t.chunked_loss, t.loss_chunk_tokens, spec.device.is_cpu)
 
 
 def _refusal(spec: Spec, strategy: Strategy, world_size: int | None = None) -> tuple[tuple[str, ...], str] | None:
@@ -166,7 +174,8 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
     per_rank_sequences = spec.global_batch_sequences // w.world_size
     grad_accum = max(1, per_rank_sequences // micro_batch)
     tokens_per_step = spec.global_batch_sequences * w.seq_len
-    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing)
+    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing,
+                                 chunked_loss=w.loss_chunk_tokens > 0)
     step = cost.step_time(strategy, spec.device, hw.inter_node_gbps, w.world_size, w.gpus_per_node,
                           w.trainable_params, memory.gathered_param_bytes(w), w.compute_bytes, grad_accum, tokens_per_step,
                           flops, hw.assumed_mfu)

@@ -16,6 +16,7 @@ import jinja2
 
 from dapc import __version__
 from dapc.errors import DapcError
+from dapc.lock import files_sha256
 from dapc.plan import gib
 from dapc.plan_schema import Plan
 from dapc.resources import data_dir
@@ -121,7 +122,9 @@ def template_context(plan: Plan, out_dir: Path) -> dict[str, Any]:
 
 
 def render_artifacts(plan: Plan, out_dir: Path) -> dict[str, str]:
-    """Returns the artifacts' file names and texts for `plan`, to be written into `out_dir`."""
+    """Returns the artifacts' file names and texts for `plan`, to be written into `out_dir`; plan.json's lock
+    holds the sha256 of every corpus file (read here, once)."""
+    plan = with_corpus_lock(plan)
     env = _environment()
     ctx = template_context(plan, out_dir)
     files = {
@@ -134,6 +137,19 @@ def render_artifacts(plan: Plan, out_dir: Path) -> dict[str, str]:
     if plan.runtime.deepspeed is not None:
         files["ds_config.json"] = json.dumps(plan.runtime.deepspeed, sort_keys=True, indent=2, allow_nan=False) + "\n"
     return files
+
+
+def with_corpus_lock(plan: Plan) -> Plan:
+    """Returns `plan` with `provenance.lock.corpus_sha256` filled from the corpus files as they are now."""
+    lock = plan.provenance.lock
+    if lock.corpus_sha256 is not None:
+        return plan
+    try:
+        hashes = files_sha256([f.path for f in plan.corpus.files])
+    except OSError as e:
+        raise RenderError(f"cannot read a corpus file to lock it: {e.strerror or e}", e.filename or "") from e
+    locked = lock.model_copy(update={"corpus_sha256": hashes})
+    return plan.model_copy(update={"provenance": plan.provenance.model_copy(update={"lock": locked})})
 
 
 MANIFEST_NAME = ".dapc-render.json"  # what the last render wrote here, with each file's sha256

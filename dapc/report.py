@@ -67,6 +67,7 @@ def summary_lines(plan: Plan) -> list[str]:
         f"activation checkpointing: {'on' if plan.activation_checkpointing else 'off'}",
         _fewest_line(plan),
         f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
+        f"loss: {escape(plan.loss.reason)}",
         f"tokens: {c.tokens:,} ({tokens_origin})",
         f"steps: {c.steps:,} at {c.step_seconds:.3g} s/step (compute {c.compute_seconds:.3g} s at MFU "
         f"{c.assumed_mfu}, communication {c.comm_seconds:.3g} s, offload {c.offload_seconds:.3g} s)",

@@ -10,10 +10,11 @@ from typing import Any
 from dapc.corpus import CorpusError, CorpusFile, resolve_corpus
 from dapc.errors import DapcError, RecipeError
 from dapc.hardware import Device, resolve_device
+from dapc.lock import MISTRAL_COMMON_PREFIX
 from dapc.models import Architecture, ParamCounts, count_params, load_architecture, lora_trainable_params
 from dapc.recipe import LoadedRecipe, Recipe
 
-MISTRAL_COMMON_TOKENIZER = "mistral-common:v1"
+MISTRAL_COMMON_TOKENIZER = MISTRAL_COMMON_PREFIX + "v1"
 DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 1024 * 1024
 
 

@@ -15,7 +15,6 @@ transformers' `build_tokenizer_from_spm_proto` (byte-identical `tokenizer.json` 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -25,15 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dapc.errors import DapcError
+from dapc.lock import MISTRAL_COMMON_MODELS, MISTRAL_COMMON_PREFIX, file_sha256, tokenizer_identity
 
 __all__ = ["TokenizerError", "cache_dir", "load_tokenizer", "resolve_tokenizer_dir", "tokenizer_sha256"]
 
-MISTRAL_COMMON_PREFIX = "mistral-common:"
-_MISTRAL_COMMON_MODELS = {"v1": "tokenizer.model.v1"}
-# Files that define a tokenizer (hashed for its identity); model weights in the same folder are not.
-_TOKENIZER_FILE_RE = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab.*|merges\.txt|.*\.model|.*\.tiktoken|tekken\.json)$"
-)
 _MIN_VOCAB = 100
 
 
@@ -56,7 +50,7 @@ def resolve_tokenizer_dir(spec: str) -> Path:
     if not folder.is_dir():
         raise TokenizerError(
             f"tokenizer {spec!r} is neither a local directory nor one of "
-            f"{', '.join(MISTRAL_COMMON_PREFIX + k for k in sorted(_MISTRAL_COMMON_MODELS))}"
+            f"{', '.join(MISTRAL_COMMON_PREFIX + k for k in sorted(MISTRAL_COMMON_MODELS))}"
         )
     return folder
 
@@ -75,12 +69,11 @@ def load_tokenizer(spec: str) -> Any:
 
 
 def tokenizer_sha256(spec: str) -> str:
-    """Identity of the tokenizer's files: sha256 over (name, sha256) of each tokenizer file, weights excluded."""
-    folder = resolve_tokenizer_dir(spec)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and _TOKENIZER_FILE_RE.match(p.name)):
-        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
-    return digest.hexdigest()
+    """Identity of the files `load_tokenizer` reads (`dapc.lock.tokenizer_identity` of its folder): sha256 over
+    (name, sha256) of each tokenizer file, weights excluded."""
+    identity = tokenizer_identity(str(resolve_tokenizer_dir(spec)))
+    assert identity is not None  # resolve_tokenizer_dir returned an existing folder
+    return identity
 
 
 def _sanity_check(tokenizer: Any, spec: str) -> None:
@@ -95,19 +88,11 @@ def _sanity_check(tokenizer: Any, spec: str) -> None:
         raise TokenizerError("tokenizer encodes 'Zero trust architecture' to no tokens", spec)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _mistral_common_dir(spec: str) -> Path:
     version = spec[len(MISTRAL_COMMON_PREFIX) :]
-    if version not in _MISTRAL_COMMON_MODELS:
+    if version not in MISTRAL_COMMON_MODELS:
         raise TokenizerError(
-            f"unknown mistral-common tokenizer {version!r}; known: {', '.join(sorted(_MISTRAL_COMMON_MODELS))}", spec
+            f"unknown mistral-common tokenizer {version!r}; known: {', '.join(sorted(MISTRAL_COMMON_MODELS))}", spec
         )
     try:
         import mistral_common
@@ -115,10 +100,10 @@ def _mistral_common_dir(spec: str) -> Path:
         raise TokenizerError(
             "the PyPI package mistral-common is not installed (pip install mistral-common)", spec
         ) from e
-    source = Path(mistral_common.__file__).parent / "data" / _MISTRAL_COMMON_MODELS[version]
+    source = Path(mistral_common.__file__).parent / "data" / MISTRAL_COMMON_MODELS[version]
     if not source.is_file():
         raise TokenizerError(f"mistral-common has no {source.name} (looked at {source})", spec)
-    sha = _file_sha256(source)
+    sha = file_sha256(source)
     target = cache_dir() / "tokenizers" / f"mistral-common-{version}-{sha[:16]}"
     if (target / "tokenizer.json").is_file():
         return target

@@ -54,16 +54,20 @@ SETUPS: dict[str, Setup] = {
     "tt-l32-3b-full-packed-a100": Setup("allocated", "bf16"),
 }
 
+# torchtune's CEWithChunkedOutputLoss keeps every chunk's fp32 log-softmax for backward (4·s·b·V, then 8·T·V
+# per chunk's backward); dapc's chunked loss recomputes each chunk and keeps none: not the same memory.
 NEEDS: dict[str, str] = {
     "tt-l31-8b-full-4090": "paged 8-bit AdamW (states in CUDA managed memory) and optimizer-in-backward",
     "tt-l31-8b-full-a6000": "paged 8-bit AdamW and optimizer-in-backward; the run's settings are not stated",
-    "tt-l31-8b-lora-4090": "chunked cross-entropy and torch.compile (issue: a faster, leaner trainer)",
-    "tt-l31-8b-lora-a6000": "chunked cross-entropy and torch.compile; activation checkpointing not stated",
-    "tt-l31-8b-qlora-4090": "chunked cross-entropy and torch.compile",
-    "tt-l31-70b-full-8xa100": "chunked cross-entropy, torch.compile, CPU AdamW fused over offloaded shards",
-    "tt-l31-70b-lora-8xa100": "chunked cross-entropy and torch.compile",
-    "tt-l32-3b-full-packed-compile-cce-ac-a100": "chunked cross-entropy and torch.compile",
-    "tt-l32-3b-lora-a100": "activation offloading, chunked cross-entropy and torch.compile",
+    "tt-l31-8b-lora-4090": "torchtune's chunked-output cross-entropy and torch.compile",
+    "tt-l31-8b-lora-a6000": ("torchtune's chunked-output cross-entropy and torch.compile; activation checkpointing "
+                             "not stated"),
+    "tt-l31-8b-qlora-4090": "torchtune's chunked-output cross-entropy and torch.compile",
+    "tt-l31-70b-full-8xa100": ("torchtune's chunked-output cross-entropy, torch.compile, CPU AdamW fused over "
+                               "offloaded shards"),
+    "tt-l31-70b-lora-8xa100": "torchtune's chunked-output cross-entropy and torch.compile",
+    "tt-l32-3b-full-packed-compile-cce-ac-a100": "torchtune's chunked-output cross-entropy and torch.compile",
+    "tt-l32-3b-lora-a100": "activation offloading, torchtune's chunked-output cross-entropy and torch.compile",
 }
 
 
@@ -140,6 +144,8 @@ def overrides(run: dict, setup: Setup) -> list[str]:
         # None of these sources set PyTorch's expandable segments (fsdp_qlora, LLaMA-Factory, torchtune v0.3/0.4),
         # and all keep the embedding and head in the FSDP root unit (FSDP1's root; torchtune's FSDP2 root).
         "launch.cuda_expandable_segments=false", "training.fsdp_embedding_units=root",
+        # Every expressible source computes the plain loss over the whole micro-batch's logits.
+        "training.chunked_loss=false",
     ]
     if run["method"] != "full":
         flags += [f"method.lora.r={run['lora_r'] or 16}", f"method.lora.dropout={setup.dropout}",

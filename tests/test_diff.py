@@ -54,7 +54,8 @@ def test_diff_table_shows_the_changed_fields_and_their_effect(two_recipes):
     total_a, total_b = (p["memory"]["per_gpu_bytes"]["total"] / GIB for p in (plan_a, plan_b))
     total_row = next(row for row in rows if row[0] == "memory/GPU total (GiB)")
     assert total_row[1:3] == (f"{total_a:,.2f}", f"{total_b:,.2f}")
-    assert total_row[3] == f"{total_b - total_a:+,.2f} ({(total_b - total_a) / total_a:+.1%})"  # under 10%: 0.1
+    ratio = (total_b - total_a) / total_a
+    assert total_row[3] == f"{total_b - total_a:+,.2f} ({ratio:{'+.1%' if abs(ratio) < 0.1 else '+.0%'}})"
     assert ("GPUs (world size)", "8", "16", "+8 (+100%)") in rows
     assert ("strategy", plan_a["strategy"]["name"], plan_b["strategy"]["name"],
             "changed" if plan_a["strategy"]["name"] != plan_b["strategy"]["name"] else "") in rows

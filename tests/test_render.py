@@ -42,7 +42,15 @@ def _masked(text: str, out: Path, plan: dict) -> str:
     text = text.replace(plan["recipe_sha256"], "<RECIPE_SHA256>").replace(plan["plan_sha256"], "<PLAN_SHA256>")
     text = text.replace(plan["trajectory_sha256"], "<TRAJECTORY_SHA256>")
     text = text.replace(str(out), "<OUT>").replace(str(REPO), "<REPO>")
-    # provenance is outside both hashes and may change between versions; everything else is pinned.
+    # provenance is outside both hashes and may change between versions; everything else is pinned. The lock's
+    # versions (and the packaged tokenizer's hash) are this machine's; its corpus hashes are the repo's files.
+    lock = plan["provenance"]["lock"]
+    versions = {**lock["packages"], "python": lock["python"]}
+    for name, version in versions.items():  # in plan.json, and JSON-escaped in the plan pytorchjob.yaml embeds
+        found, masked = f'"{name}": {json.dumps(version)}', f'"{name}": "<VERSION>"'
+        text = text.replace(found, masked).replace(found.replace('"', '\\"'), masked.replace('"', '\\"'))
+    if lock["tokenizer_sha256"]:
+        text = text.replace(lock["tokenizer_sha256"], "<TOKENIZER_SHA256>")
     return text.replace(f'"dapc_version": "{_version()}"', '"dapc_version": "<VERSION>"').replace(
         f"dapc {_version()}", "dapc <VERSION>")
 

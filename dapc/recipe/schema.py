@@ -125,6 +125,13 @@ class TrainingSection(Section):
         "in the root unit, which stays gathered from forward through backward (`root`). `auto`: separate "
         "unless the embeddings are tied.",
     )
+    chunked_loss: Literal["auto"] | bool = Field(
+        "auto",
+        description="Compute the cross-entropy `loss_chunk_tokens` positions at a time inside the LM head, "
+        "recomputing each chunk's logits in backward (torchtune, torchtitan): the fp32 logits of the whole "
+        "micro-batch never exist, for one more LM-head forward. `auto`: on for GPUs, off on the CPU device.",
+    )
+    loss_chunk_tokens: int = Field(1024, ge=1, description="Positions per chunk of the chunked loss.")
     optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="AdamW, or bitsandbytes 8-bit AdamW.")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of `lr`.")
@@ -263,6 +270,53 @@ class EvalSection(Section):
     )
 
 
+class TensorBoardSection(Section):
+    enabled: bool = Field(True, description="Write TensorBoard event files (offline, read with `tensorboard --logdir`).")
+    dir: str = Field("tensorboard", min_length=1, description="Where the event files go, relative to `output`.")
+
+
+class WandbSection(Section):
+    enabled: bool = Field(False, description="Log to Weights & Biases (needs the `wandb` package where training runs).")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: write the run under `dir` only, never a network call (upload it later with "
+        "`wandb sync`); online: stream to the W&B server (needs WANDB_API_KEY, e.g. in launch.passthrough_env).")
+    project: str | None = Field(None, description="W&B project; defaults to the recipe's `name`.")
+    entity: str | None = Field(None, description="W&B entity (user or team); the account's default if unset.")
+    dir: str = Field(".", min_length=1, description="Folder W&B writes its `wandb/` folder into, relative to `output`.")
+
+    @field_validator("project", "entity")
+    @classmethod
+    def _wandb_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[^/\\#?%:\s][^/\\#?%:\x00-\x1f]{0,127}", name):
+            raise ValueError("a W&B name has 1 to 128 characters, none of / \\ # ? % : or a control character, "
+                             "and does not start with a space")
+        return name
+
+
+class MlflowSection(Section):
+    enabled: bool = Field(False, description="Log to MLflow (needs the `mlflow-skinny` or `mlflow` package where "
+                          "training runs).")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (`file:`, `http(s):`, `databricks`, ...); defaults to a local file store, "
+        "`file:` <output>/mlruns. A relative `file:` path is relative to `output`.")
+    experiment: str | None = Field(None, min_length=1, max_length=500,
+                                   description="MLflow experiment; defaults to the recipe's `name`.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        if uri is not None and not re.fullmatch(r"databricks|[A-Za-z][A-Za-z0-9+.-]*:\S+", uri):
+            raise ValueError("not a tracking URI: give one with its scheme (file:/path/mlruns, file:mlruns relative "
+                             "to output, http://host:5000, databricks)")
+        return uri
+
+
+class LoggingSection(Section):
+    tensorboard: TensorBoardSection = Field(default_factory=TensorBoardSection, description="TensorBoard (on).")
+    wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases (off).")
+    mlflow: MlflowSection = Field(default_factory=MlflowSection, description="MLflow (off).")
+
+
 class Recipe(Section):
     """A whole recipe, after `base:` inheritance and `--set` overrides."""
 
@@ -278,4 +332,7 @@ class Recipe(Section):
     launch: LaunchSection = Field(default_factory=LaunchSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    logging: LoggingSection = Field(
+        default_factory=LoggingSection, description="Experiment tracking by the trainer's rank 0, besides "
+        "metrics.jsonl: TensorBoard on, W&B and MLflow off unless enabled.")
     output: str = Field("runs", description="Run directory (relative to the recipe file); `render -o` overrides.")

@@ -23,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dapc.plan_schema import load_plan
 
+        from runtime.lock_check import warn_environment
+
         from . import prepare_from_plan
 
-        manifest = prepare_from_plan(load_plan(args.plan), workers=args.workers, console=console,
+        plan = load_plan(args.plan)
+        warn_environment(plan, rank=0)
+        manifest = prepare_from_plan(plan, workers=args.workers, console=console,
                                      progress=not args.no_progress)
     except DapcError as e:
         return print_error(e)

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dapc.lock import corpus_changes
 from runtime.durable import fsync_path
 
 from .shards import ShardInfo
@@ -117,6 +118,40 @@ def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:
         return Manifest.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError, KeyError) as e:
         raise PrepareError(f"unreadable manifest: {e}", str(path)) from e
+
+
+# Beside the manifest: each corpus file's size and mtime when prepare hashed it, so a trainer that finds both
+# unchanged need not read the corpus again to know it is the one the shards came from.
+CORPUS_STAT_NAME = "corpus-stat.json"
+
+
+def write_corpus_stat(prepared_dir: Path, manifest: Manifest) -> None:
+    """Writes CORPUS_STAT_NAME: {path: [bytes, mtime_ns]} of the manifest's files as they are now."""
+    stats = {}
+    for f in manifest.files:
+        st = os.stat(f.path)
+        if st.st_size == f.bytes:
+            stats[f.path] = [st.st_size, st.st_mtime_ns]
+    write_json_atomic(Path(prepared_dir) / CORPUS_STAT_NAME, stats)
+
+
+def corpus_changes_since_prepare(prepared_dir: str | os.PathLike, manifest: Manifest) -> tuple[list[str], list[str]]:
+    """Returns (changed, missing): corpus files whose bytes differ from the manifest's sha256, and files gone.
+    A file whose size and mtime equal CORPUS_STAT_NAME's record is taken as unchanged without reading it."""
+    try:
+        stats = json.loads((Path(prepared_dir) / CORPUS_STAT_NAME).read_text())
+    except (OSError, ValueError):
+        stats = {}
+    to_hash: dict[str, tuple[int, str]] = {}
+    for f in manifest.files:
+        try:
+            st = os.stat(f.path)
+        except OSError:
+            to_hash[f.path] = (f.bytes, f.sha256)  # corpus_changes reports it missing
+            continue
+        if stats.get(f.path) != [st.st_size, st.st_mtime_ns] or st.st_size != f.bytes:
+            to_hash[f.path] = (f.bytes, f.sha256)
+    return corpus_changes(to_hash)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

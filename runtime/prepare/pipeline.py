@@ -41,10 +41,11 @@ from .manifest import (
     SplitStats,
     TokenizerInfo,
     load_manifest,
+    write_corpus_stat,
     write_json_atomic,
 )
 from .shards import ResumeMismatch, SplitWriter
-from .sources import PrepareError, hash_file, plan_units
+from .sources import InputFile, PrepareError, hash_file, plan_units
 
 DEFAULT_UNIT_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB per shard file
@@ -75,8 +76,9 @@ def prepare_from_plan(
         if size != listed.bytes:
             raise PrepareError(f"corpus file changed since the plan was made ({listed.bytes:,} bytes planned, "
                                f"{size:,} now); compile the recipe again", listed.path)
-    return prepare_corpus(
+    manifest = prepare_corpus(
         [f.path for f in plan.corpus.files],  # files resolve to themselves: the plan's list, as it is
+        locked_sha256=plan.provenance.lock.corpus_sha256,
         data_format=plan.corpus.format,
         text_field=data.text_field if plan.corpus.format != "text" else None,
         tokenizer=data.tokenizer,  # resolved by the compiler; load_plan refuses a plan without one
@@ -88,6 +90,8 @@ def prepare_from_plan(
         console=console,
         progress=progress,
     )
+    write_corpus_stat(Path(plan.paths.prepared_dir), manifest)
+    return manifest
 
 
 def prepare_corpus(
@@ -105,11 +109,13 @@ def prepare_corpus(
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     console: Console | None = None,
     progress: bool = True,
+    locked_sha256: dict[str, str] | None = None,
 ) -> Manifest:
     """Tokenize, split, pack and shard a corpus into `prepared_dir`; resumes an interrupted run; returns the manifest.
 
     `workers` defaults to the CPU count (1 tokenizes in this process). `shard_sequences` defaults to 256 MiB per
-    shard. Neither the worker count nor the console changes the output; every other argument does.
+    shard. Neither the worker count nor the console changes the output; every other argument does. With
+    `locked_sha256` ({path: sha256}, the plan's lock), a file whose bytes differ from the lock is refused.
     """
     _check_settings(data_format, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences)
     try:
@@ -131,6 +137,7 @@ def prepare_corpus(
     started = time.monotonic()
     with _exclusive(out), _mapper(workers, str(resolve_tokenizer_dir(tokenizer)), settings) as mapper:
         inputs = list(mapper(hash_file, files))
+        _check_locked(inputs, locked_sha256)
         base = Manifest(
             format_version=FORMAT_VERSION,
             fingerprint="",
@@ -165,6 +172,15 @@ def prepare_corpus(
             run.close()
     _report(console, out, manifest, (time.monotonic() - started, run.tokens_this_run))
     return manifest
+
+
+def _check_locked(inputs: list[InputFile], locked_sha256: dict[str, str] | None) -> None:
+    if locked_sha256 is None:
+        return
+    for f in inputs:
+        if locked_sha256.get(f.path) != f.sha256:
+            raise PrepareError(f"corpus file changed since `dapc render` locked it (sha256 "
+                               f"{str(locked_sha256.get(f.path))[:12]} then, {f.sha256[:12]} now); render again", f.path)
 
 
 class _Run:

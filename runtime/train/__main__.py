@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = load_plan(args.plan)  # torch-free: before torch is imported, so the environment below still applies
         _apply_environment(plan.runtime.env)
+        from runtime.lock_check import check_corpus_since_prepare, warn_environment
+
+        rank = int(os.environ.get("RANK", "0"))
+        warn_environment(plan, rank)
+        check_corpus_since_prepare(plan, rank)
         from runtime.train import train
         from runtime.train.config import train_plan
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dapc.plan_schema import Plan, PlanError
+from dapc.plan_schema import Plan, PlanError, Tracking
 from dapc.plan_schema import load_plan as load_typed_plan
 
-__all__ = ["FsdpSettings", "LoraSettings", "PlanError", "TrainPlan", "load_plan", "train_plan"]
+__all__ = ["FsdpSettings", "LoraSettings", "PlanError", "Tracking", "TrainPlan", "load_plan", "train_plan"]
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,10 @@ class TrainPlan:
     global_batch_sequences: int
     world_size: int
     activation_checkpointing: bool
+    loss_chunk_tokens: int  # 0: the plain loss; else positions per chunk of the chunked loss (runtime/train/loss.py)
     steps: int
     flops_per_token: float
+    planned_step_seconds: float  # cost.step_seconds: the modelled step, next to the measured one
     device_peak_flops: float  # per device, from the plan's device entry (bf16 TFLOP/s)
     # backend
     strategy: str
@@ -98,6 +100,7 @@ class TrainPlan:
     export_dir: str
     metrics_path: str
     stop_file: str  # when it exists, checkpoint after the current step and exit (a preemption notice)
+    tracking: Tracking  # runtime.tracking as is: TensorBoard, W&B, MLflow (rank 0)
     # memory
     memory_total_bytes: int
     memory_counter: str
@@ -150,8 +153,10 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         global_batch_sequences=b.global_batch_sequences,
         world_size=b.world_size,
         activation_checkpointing=plan.activation_checkpointing,
+        loss_chunk_tokens=plan.loss.chunk_tokens,
         steps=plan.cost.steps,
         flops_per_token=plan.cost.flops_per_token,
+        planned_step_seconds=plan.cost.step_seconds,
         device_peak_flops=plan.device.bf16_tflops * 1e12,
         strategy=plan.strategy.name,
         backend=plan.runtime.backend,
@@ -169,6 +174,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         export_dir=plan.paths.export_dir,
         metrics_path=plan.paths.metrics_path,
         stop_file=plan.runtime.preemption.stop_file,
+        tracking=plan.runtime.tracking,
         memory_total_bytes=plan.memory.per_gpu_bytes.total,
         memory_counter=plan.memory.counter,
     )

@@ -39,6 +39,7 @@ from .model import (
     decoder_layers,
     non_persistent_buffers,
 )
+from .loss import causal_lm_loss, chunked_loss_head
 from .nf4 import is_nf4, unshardable_nf4
 from .optim import build_optimizer, param_groups
 
@@ -99,6 +100,7 @@ class TorchEngine(Engine):
             mixed = plan.precision != "fp32"
             self._autocast = lambda: torch.autocast(device.type, dtype=compute_dtype(plan), enabled=mixed)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # DTensors after fully_shard
+        self.loss_head = chunked_loss_head(model)
         self.optimizer = build_optimizer(plan, param_groups(model, plan.weight_decay))
         self.scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
         self._options = StateDictOptions(ignore_frozen_params=plan.method != "full")
@@ -112,7 +114,7 @@ class TorchEngine(Engine):
             sync = contextlib.nullcontext() if last else self.model.no_sync()
         with sync:
             with self._autocast():
-                loss = self.model(input_ids=input_ids, labels=input_ids).loss
+                loss = causal_lm_loss(self.model, input_ids, self.loss_head)
             scaled = loss / self.plan.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
@@ -234,9 +236,10 @@ class DeepSpeedEngine(Engine):
                                                dist_init_required=False)
         self.model = self.engine
         self._frozen_excluded = plan.method != "full"
+        self.loss_head = chunked_loss_head(model)
 
     def micro_step(self, input_ids: torch.Tensor, last: bool) -> torch.Tensor:
-        loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+        loss = causal_lm_loss(self.engine, input_ids, self.loss_head)
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # DeepSpeed counts micro-steps; it steps the optimizer only at the boundary

@@ -1,10 +1,11 @@
 """The training run: resume if a checkpoint exists, step to `cost.steps`, checkpoint, measure, export.
 
-Order of a run: check that the latest checkpoint may be resumed by this plan (`resume.py`) and the launch's
-world size (before any collective, so every rank fails alike) → build the model → wrap it in the plan's
-backend → restore states → train → final checkpoint → measured peak memory next to the plan's estimate →
-export (rank 0, from the final checkpoint). When the plan's stop file appears (the Slurm job creates it on its
-preemption signal), the run checkpoints after the current step and returns without exporting.
+Order of a run: check that the latest checkpoint may be resumed by this plan (`resume.py`), that the plan's
+tracking packages are installed, and the launch's world size (before any collective, so every rank fails alike)
+→ build the model → wrap it in the plan's backend → restore states → train → final checkpoint → measured peak
+memory next to the plan's estimate → export (rank 0, from the final checkpoint). Rank 0 logs each record to
+metrics.jsonl and the plan's trackers (`tracking.py`). When the plan's stop file appears (the Slurm job creates
+it on its preemption signal), the run checkpoints after the current step and returns without exporting.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .model import build_model
 from .nf4 import NF4Linear
 from .optim import lr_at
 from .resume import Resume, check_resumable, trainer_state
+from .tracking import Tracker, check_installed
 
 __all__ = ["train"]
 
@@ -47,8 +49,9 @@ def train(plan: TrainPlan) -> None:
     latest = latest_checkpoint(plan.checkpoint_dir)
     # Checked by every rank before any collective, so all fail alike.
     resume = None if latest is None else check_resumable(latest, plan)
+    check_installed(plan)
     d = init_distributed(plan)
-    log = MetricsLog(plan.metrics_path, d.is_main)
+    log = MetricsLog(plan.metrics_path, d.is_main, Tracker(plan) if d.is_main else None)
     try:
         final, finished = _run(plan, d, log, resume)
         if finished and d.is_main:

@@ -1,7 +1,8 @@
 """Training metrics: one JSON object per line in `paths.metrics_path` and a console line, from rank 0.
 
 Records (`event`): `start` (where the run begins, resumed or not), `step` (loss, lr, grad norm, tokens/s,
-MFU, peak memory), `checkpoint`, `memory` (the measured peak next to the plan's estimate), `end`.
+MFU, peak memory), `checkpoint`, `stopped`, `memory` (the measured peak next to the plan's estimate),
+`export`, `end`. Each record also goes to the run's tracker (`tracking.py`: TensorBoard, W&B, MLflow).
 The file is appended to, so a resumed run continues it; a step that ran twice (before a kill and after the
 resume) appears twice, and the later record is the one that counts.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from .tracking import Tracker
 
 __all__ = ["MetricsLog", "mfu"]
 
@@ -26,10 +30,11 @@ def mfu(tokens_per_second: float, flops_per_token: float, devices: int, peak_flo
 
 
 class MetricsLog:
-    """Writes records on the main rank only; other ranks get a no-op log."""
+    """Writes records on the main rank only, and hands each to `tracker`; other ranks get a no-op log."""
 
-    def __init__(self, path: str, enabled: bool):
+    def __init__(self, path: str, enabled: bool, tracker: Tracker | None = None):
         self.enabled = enabled
+        self._tracker = tracker if enabled else None
         self.console = Console(stderr=True, highlight=False)
         self._file = None
         if enabled:
@@ -41,6 +46,8 @@ class MetricsLog:
             return
         self._file.write(json.dumps({"event": event, **fields}, sort_keys=True) + "\n")
         self._file.flush()  # in the kernel's hands: survives kill -9 (fsync per step would cost throughput)
+        if self._tracker is not None:
+            self._tracker.record(event, fields)
 
     def say(self, text: str) -> None:
         if self.enabled:
@@ -55,6 +62,9 @@ class MetricsLog:
         )
 
     def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
         if self._file is not None:
             self._file.close()
             self._file = None

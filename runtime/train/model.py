@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import PlanError, TrainPlan
+from .loss import install_chunked_loss
 
 __all__ = ["DTYPES", "PENDING_LOAD", "QuantizedBase", "RankZeroWeights", "base_model", "base_skeleton", "build_model",
            "compute_dtype", "decoder_layers", "hf_config", "loads_from_rank0", "loads_sharded_nf4",
@@ -73,6 +74,8 @@ def build_model(plan: TrainPlan, device: torch.device) -> nn.Module:
         if plan.load_mode != "zero3-init":
             model = model.to(device)
     model.config.use_cache = False
+    if plan.loss_chunk_tokens:
+        install_chunked_loss(model, plan.loss_chunk_tokens)
     if plan.activation_checkpointing:
         # Every decoder layer, non-reentrant (works with frozen inputs under LoRA, and with FSDP2), applied
         # before sharding. transformers 5 renamed gradient_checkpointing_enable; both take the same kwargs.
