@@ -31,6 +31,22 @@ def _readme_command() -> str:
     return found[0]
 
 
+def _other_dapc_commands(example: str) -> list[str]:
+    """Every `dapc ...` command of the README's bash blocks but the example itself, in order (the README's
+    first command installs and plans; its `dapc plan` part is one of these). `sbatch` and `bash` lines need
+    a cluster or GPUs; the example run covers launch.sh on the CPU."""
+    commands, in_block = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_block = line.strip() == "```bash"
+            continue
+        if in_block and line.strip() != example:
+            for part in line.split("#", 1)[0].split("&&"):
+                if part.strip().startswith("dapc "):
+                    commands.append(part.strip())
+    return commands
+
+
 def _fresh_copy(dest: Path) -> Path:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, check=True).stdout.decode().split("\0")
@@ -87,3 +103,11 @@ def test_readme_cpu_example_runs_verbatim_in_a_fresh_clone(tmp_path):
     if plan["recipe"]["eval"]["benchmarks"]:
         results = json.loads((out / "eval" / "results.json").read_text())
         assert set(results["models"]) == {"model", "compare_to"}
+
+    # Then every other dapc command the README shows, in the same copy (`dapc report runs/tiny` reads the
+    # example's run).
+    others = _other_dapc_commands(command)
+    assert any(c.startswith("dapc report") for c in others) and any(c.startswith("dapc diff") for c in others)
+    for other in others:
+        done = subprocess.run(["bash", "-c", other], cwd=copy, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{other} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

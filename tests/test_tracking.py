@@ -128,6 +128,38 @@ def test_a_resumed_run_continues_each_tracker_and_the_later_records_win(tmp_path
     assert [sorted(wandb_history(p)) for p in segments] == [list(range(1, 7)), list(range(5, plan.steps + 1))]
 
 
+def test_evaluation_scores_join_the_trained_runs_at_the_last_step(tmp_path):
+    from dapc.compile import compile_recipe
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    compiled = compile_recipe(TINY_RECIPE, ("logging.mlflow.enabled=true",), output=str(tmp_path / "run")).plan
+    (tmp_path / "plan.json").write_text(compiled.text())
+    plan = load_plan(tmp_path / "plan.json")
+    tracker = Tracker(plan)
+    tracker.record("start", {"step": 0})
+    for step in range(1, plan.steps + 1):
+        tracker.record("step", {"step": step, "loss": 10.0 - step, "lr": 1e-3})
+    tracker.record("end", {})
+    tracker.close()
+    results = {"models": {
+        "model": {"benchmarks": {"cti-mcq": {"accuracy": 0.5, "official_accuracy": 0.625}},
+                  "perplexity": {"general": {"perplexity": 12.5}}},
+        "compare_to": {"benchmarks": {"cti-mcq": {"accuracy": 0.25, "official_accuracy": None}}, "perplexity": {}}}}
+    values = tracking.eval_scalars(results)
+    assert values == {"eval/model/cti-mcq/accuracy": 0.5, "eval/model/cti-mcq/official_accuracy": 0.625,
+                      "eval/model/perplexity/general": 12.5, "eval/compare_to/cti-mcq/accuracy": 0.25}
+    Tracker(plan).evaluation(plan.steps, values)
+
+    events = EventAccumulator(plan.tracking.tensorboard.log_dir)
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("train/loss")} == {s: 10.0 - s for s in range(1, plan.steps + 1)}
+    assert [(e.step, e.value) for e in events.Scalars("eval/model/cti-mcq/accuracy")] == [(plan.steps, 0.5)]
+    client = _mlflow_client(plan.tracking.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny-cpu").experiment_id])
+    assert run.info.status == "FINISHED" and "dapc.resumed_at_step" not in run.data.tags
+    assert run.data.metrics["eval/model/perplexity/general"] == 12.5
+
+
 def test_tracking_defaults_and_paths_resolve_into_the_plan(tmp_path):
     from dapc.compile import compile_recipe
 

@@ -16,6 +16,7 @@ from dapc.plan_schema import load_plan
 from runtime.evaluate.run import EvaluationResult, run_evaluation
 from runtime.train.config import TrainPlan
 from runtime.train.config import train_plan as train_plan_of
+from runtime.train.tracking import Tracker, eval_scalars
 
 BASE_DIR_NAME = "base-model"
 MERGED_DIR_NAME = "adapted-model"
@@ -81,7 +82,7 @@ def evaluate_from_plan(plan_path: str | Path, device: str | None = None) -> Eval
     eval_dir = Path(paths.eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
     adapted = _adapted_model_dir(train_plan, Path(paths.export_dir), eval_dir)
-    return run_evaluation(
+    result = run_evaluation(
         adapted,
         {bench.name: bench.path for bench in settings.benchmarks},
         eval_dir,
@@ -94,3 +95,6 @@ def evaluate_from_plan(plan_path: str | Path, device: str | None = None) -> Eval
         ppl_seq_len=plan.batch.seq_len,
         device=device,
     )
+    # The scores join the training's tracked runs (TensorBoard, W&B, MLflow), at its last step.
+    Tracker(train_plan).evaluation(train_plan.steps, eval_scalars(result.results))
+    return result

@@ -113,6 +113,14 @@ class Tracker:
         elif event == "end" and self._status != "stopped":
             self._status = "finished"
 
+    def evaluation(self, step: int, values: dict[str, float]) -> None:
+        """Logs evaluation scalars (`eval_scalars`) at optimizer step `step` into the training's own runs,
+        which it reopens without hiding any of their steps, then closes them as finished."""
+        self._status = "finished"
+        self._open(0)
+        self._send(step, values)
+        self.close()
+
     def close(self) -> None:
         """Closes every backend with the run's status: finished, stopped (a preemption) or failed."""
         for name, sink in list(self._sinks.items()):
@@ -140,6 +148,22 @@ class Tracker:
                   f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); metrics.jsonl has every record",
                   file=sys.stderr, flush=True)
             return None
+
+
+def eval_scalars(results: dict[str, Any]) -> dict[str, float]:
+    """Returns an evaluation's numbers as tracker scalars: `eval/<model>/<benchmark>/accuracy` (and the
+    official accuracy where the benchmark has one) and `eval/<model>/perplexity/<text>`, for each model of
+    results.json (`model` is the adapted one, `compare_to` its base)."""
+    values: dict[str, float] = {}
+    for key, model in results["models"].items():
+        for name, score in model.get("benchmarks", {}).items():
+            values[f"eval/{key}/{name}/accuracy"] = score["accuracy"]
+            if score.get("official_accuracy") is not None:
+                values[f"eval/{key}/{name}/official_accuracy"] = score["official_accuracy"]
+        for name, ppl in model.get("perplexity", {}).items():
+            if ppl.get("perplexity") is not None:
+                values[f"eval/{key}/perplexity/{name}"] = ppl["perplexity"]
+    return values
 
 
 def _enabled(plan: TrainPlan) -> list[str]:
@@ -200,7 +224,8 @@ class _Mlflow:
         if runs:
             self.run_id = runs[0].info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, "dapc.resumed_at_step", str(start_step))
+            if start_step:  # not when the evaluation reopens the run
+                self.client.set_tag(self.run_id, "dapc.resumed_at_step", str(start_step))
         else:
             run = self.client.create_run(experiment, run_name=plan.tracking.run_name,
                                          tags={"dapc.run_id": key, "dapc.plan_sha256": plan.plan_sha256})
