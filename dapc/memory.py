@@ -86,7 +86,7 @@ class Workload:
     expandable_segments: bool = True  # the CUDA allocator mode the run uses
     fsdp_embedding_units: str = "auto"  # recipe training.fsdp_embedding_units
     zero_fp32_grad_partition: bool = True
-    loss_chunk_tokens: int = 0  # plan.json loss.chunk_tokens: 0 is the plain loss (dapc.loss)
+    loss_chunk_tokens: int = 0  # plan.json loss.chunk_tokens: 0 is the plain loss (dapc.kernels)
 
     @property
     def loading(self) -> Loading:

@@ -10,6 +10,7 @@ from typing import Any
 
 from dapc import __version__
 from dapc.cost import flops_per_token, run_cost
+from dapc.kernels import decide_compile
 from dapc.lock import installed_versions, python_version, tokenizer_identity
 from dapc.memory import GIB
 from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of, trajectory_of
@@ -223,6 +224,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "total_bytes": spec.corpus_bytes,
         },
         "loss": {"kind": loss.kind, "chunk_tokens": loss.chunk_tokens, "reason": loss.reason},
+        "torch_compile": asdict(decide_compile(t.compile, spec.device.is_cpu, r.method.name, c.strategy.backend)),
         "loading": {"mode": c.loading.mode, "base_dtype": c.loading.base_dtype,
                     "trained_dtype": c.loading.trained_dtype, "reason": c.loading.reason},
         "schedule": {

@@ -216,11 +216,18 @@ class Loading(_Part):
 
 
 class LossInfo(_Part):
-    """How the runtime computes the cross-entropy (`dapc.loss`): over the whole micro-batch, or `chunk_tokens`
+    """How the runtime computes the cross-entropy (`dapc.kernels`): over the whole micro-batch, or `chunk_tokens`
     positions at a time inside the LM head (runtime/train/loss.py)."""
 
     kind: Literal["plain", "chunked"]
     chunk_tokens: int = Field(ge=0, description="0 for the plain loss.")
+    reason: str
+
+
+class TorchCompile(_Part):
+    """Whether the runtime compiles each decoder layer with torch.compile (`dapc.kernels`)."""
+
+    enabled: bool
     reason: str
 
 
@@ -344,6 +351,7 @@ class Plan(_Part):
     corpus: Corpus
     loading: Loading
     loss: LossInfo
+    torch_compile: TorchCompile
     schedule: Schedule
     runtime: RuntimeSettings
 
@@ -360,7 +368,7 @@ class Plan(_Part):
 # Recipe keys that lay the same training out over devices without changing its updates; everything else in
 # `recipe.training` (and the model, method and data sections) is part of the trajectory.
 _LAYOUT_TRAINING_KEYS = ("micro_batch", "activation_checkpointing", "fsdp_embedding_units", "chunked_loss",
-                         "loss_chunk_tokens", "log_every_steps",
+                         "loss_chunk_tokens", "compile", "log_every_steps",
                          "global_batch_tokens", "global_batch_sequences")  # the last two: resolved, in `batch`
 
 

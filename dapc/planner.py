@@ -12,7 +12,7 @@ from dapc import cost, memory, memory_loading
 from dapc.compat import Setting, refusal
 from dapc.errors import DapcError
 from dapc.loading import Loading
-from dapc.loss import LossDecision, decide_loss
+from dapc.kernels import LossDecision, decide_loss
 from dapc.memory import GIB, Workload
 from dapc.models import lora_trainable_params
 from dapc.resolve import Spec

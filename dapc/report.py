@@ -68,6 +68,7 @@ def summary_lines(plan: Plan) -> list[str]:
         _fewest_line(plan),
         f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
         f"loss: {escape(plan.loss.reason)}",
+        f"torch.compile: {escape(plan.torch_compile.reason)}",
         f"tokens: {c.tokens:,} ({tokens_origin})",
         f"steps: {c.steps:,} at {c.step_seconds:.3g} s/step (compute {c.compute_seconds:.3g} s at MFU "
         f"{c.assumed_mfu}, communication {c.comm_seconds:.3g} s, offload {c.offload_seconds:.3g} s)",

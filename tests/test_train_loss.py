@@ -51,14 +51,20 @@ def test_a_chunked_head_called_without_targets_says_so():
         model(input_ids=torch.randint(0, 32000, (1, 8)))
 
 
-@pytest.mark.parametrize(("strategy", "nproc"), [("fsdp2-full", 2), ("zero3", 2)])
-def test_chunked_training_has_the_plain_losses(strategy: str, nproc: int, prepared_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize(("strategy", "nproc", "compiled"), [("fsdp2-full", 2, "true"), ("zero3", 2, "false")])
+def test_chunked_training_has_the_plain_losses(strategy: str, nproc: int, compiled: str, prepared_dir: Path,
+                                               tmp_path: Path):
+    """Plain eager training against chunked training (under FSDP2 with every decoder layer compiled, in
+    place: the same parameter names and units): the same losses."""
     runs = {}
     for chunked in ("false", "true"):
         plan_path = compile_plan(tmp_path / chunked, prepared_dir, f"strategy={strategy}", "checkpoint.export_hf=false",
                                  f"training.chunked_loss={chunked}", "training.loss_chunk_tokens=96",
+                                 f"training.compile={compiled if chunked == 'true' else 'false'}",
                                  "training.max_steps=4")
-        assert read_plan(plan_path)["loss"]["kind"] == ("chunked" if chunked == "true" else "plain")
+        plan = read_plan(plan_path)
+        assert plan["loss"]["kind"] == ("chunked" if chunked == "true" else "plain")
+        assert plan["torch_compile"]["enabled"] is (chunked == "true" and compiled == "true")
         done = train(plan_path, nproc=nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[chunked] = losses(plan_path)

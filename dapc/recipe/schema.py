@@ -132,6 +132,11 @@ class TrainingSection(Section):
         "micro-batch never exist, for one more LM-head forward. `auto`: on for GPUs, off on the CPU device.",
     )
     loss_chunk_tokens: int = Field(1024, ge=1, description="Positions per chunk of the chunked loss.")
+    compile: Literal["auto"] | bool = Field(
+        "auto",
+        description="torch.compile each decoder layer. `auto`: on for GPUs with full fine-tuning or LoRA under "
+        "DDP/FSDP2; off for QLoRA, DeepSpeed and the CPU device.",
+    )
     optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="AdamW, or bitsandbytes 8-bit AdamW.")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of `lr`.")

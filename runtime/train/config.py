@@ -80,6 +80,7 @@ class TrainPlan:
     world_size: int
     activation_checkpointing: bool
     loss_chunk_tokens: int  # 0: the plain loss; else positions per chunk of the chunked loss (runtime/train/loss.py)
+    compile_layers: bool  # torch.compile each decoder layer
     steps: int
     flops_per_token: float
     planned_step_seconds: float  # cost.step_seconds: the modelled step, next to the measured one
@@ -154,6 +155,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         world_size=b.world_size,
         activation_checkpointing=plan.activation_checkpointing,
         loss_chunk_tokens=plan.loss.chunk_tokens,
+        compile_layers=plan.torch_compile.enabled,
         steps=plan.cost.steps,
         flops_per_token=plan.cost.flops_per_token,
         planned_step_seconds=plan.cost.step_seconds,

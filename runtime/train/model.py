@@ -84,6 +84,11 @@ def build_model(plan: TrainPlan, device: torch.device) -> nn.Module:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if plan.compile_layers:
+        # In place (nn.Module.compile), so parameter names, FSDP2 units and checkpoints stay as in eager mode;
+        # each layer is traced at its first call, after LoRA and sharding have replaced what they replace.
+        for layer in decoder_layers(model):
+            layer.compile()
     if plan.method in ("lora", "qlora"):
         model = _with_lora(plan, model)
         _cast_trainable(model, _trained_dtype(plan))
