@@ -46,6 +46,12 @@ NCCL_BYTES_PER_COMMUNICATOR = 2 * 4 * 1024**2 * 32
 # 11% (tests/test_e2e_launch.py holds the runs to 15%). Tensors this size are served by glibc's mmap path
 # and unmapped on free, so the high-water mark sees live tensors; no fragmentation factor is added on CPU.
 CPU_PROCESS_BASELINE_BYTES = 560 * 1024**2
+# The same with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_ in the training environment): glibc no
+# longer raises the threshold to each freed block's size (up to 32 MiB), so freed tensors leave the heap at
+# once and VmHWM counts live tensors only, as a GPU's caching allocator reuses blocks. Fitted as the intercept
+# of six runs with the threshold at 128 KiB (the tiny example under DDP, FSDP2 and ZeRO-2; a 4-layer
+# 512-wide Llama off, selective and full; tests/test_train_checkpointing.py): 440 MiB, each within 10%.
+CPU_PROCESS_BASELINE_FIXED_MMAP_BYTES = 440 * 1024**2
 # DeepSpeed's engine on the CPU accelerator peaks above the FSDP2 run of the same model by 70-120 MiB over
 # a 12-step run (its flat partition buffers, the shm/gloo comm setup): measured, not derived.
 CPU_DEEPSPEED_EXTRA_BYTES = 96 * 1024**2
@@ -57,6 +63,10 @@ class Figure:
 
     bytes: int
     formula: str
+
+
+# How the decoder layers recompute activations in backward, from most memory to least (runtime/train/checkpointing.py).
+CHECKPOINT_MODES = ("off", "selective", "full")
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class Workload:
     nodes: int
     micro_batch: int
     seq_len: int
-    activation_checkpointing: bool
+    activation_checkpointing: str  # one of CHECKPOINT_MODES
     lora_dropout: float
     lora_targets: tuple[str, ...]
     nf4_double_quant: bool
@@ -87,6 +97,7 @@ class Workload:
     fsdp_embedding_units: str = "auto"  # recipe training.fsdp_embedding_units
     zero_fp32_grad_partition: bool = True
     loss_chunk_tokens: int = 0  # plan.json loss.chunk_tokens: 0 is the plain loss (dapc.kernels)
+    cpu_fixed_mmap_threshold: bool = False  # MALLOC_MMAP_THRESHOLD_ set for the training processes (CPU device)
 
     @property
     def loading(self) -> Loading:
@@ -261,6 +272,24 @@ def layer_activation_bytes_per_token(w: Workload) -> int:
     return 2 * _norm_bytes_per_token(w) + attention + mlp + lora
 
 
+def selective_layer_bytes_per_token(w: Workload) -> int:
+    """Returns bytes one decoder layer keeps per token under selective checkpointing (runtime/train/
+    checkpointing.py: every matmul's and attention's outputs are kept, the ops between them recomputed, as
+    torchtitan's op-level policy). Kept: the layer's input (c·h, checkpoint's own), the q, k, v projections
+    (c·h + 2·c·h_kv), attention's output and fp32 log-sum-exp (c·h + 4·a), o_proj's output (c·h), gate and up
+    (2·c·i) and down's output (c·h); with LoRA also each adapter's two matmul outputs (c·(r + out)) [the same
+    inventory as `layer_activation_bytes_per_token`, restricted to matmul and attention outputs; checked
+    against torch's MemTracker in tests/test_memory_fake_oracle.py]."""
+    c, a = w.compute_bytes, w.arch
+    kv_width = a.num_key_value_heads * a.head_dim
+    kept = c * (5 * a.hidden_size + 2 * kv_width + 2 * a.intermediate_size) + 4 * a.num_attention_heads
+    if w.method != "full" and w.lora_targets:
+        shapes = decoder_linear_shapes(a)
+        rank = _lora_params_per_layer(w) // sum(shapes[name][0] + shapes[name][1] for name in w.lora_targets)
+        kept += sum(c * (rank + shapes[name][1]) for name in w.lora_targets)
+    return kept
+
+
 def _final_norm_and_rope_bytes_per_token(w: Workload) -> int:
     # The final norm (its output is what lm_head keeps) and RoPE's cos and sin, shared by all layers.
     return _norm_bytes_per_token(w) + 2 * w.compute_bytes * w.arch.head_dim
@@ -270,10 +299,13 @@ def activations_kept(w: Workload) -> Figure:
     """Returns bytes per GPU of activations held for backward once the forward of a micro-batch is done."""
     tokens = w.micro_batch * w.seq_len
     final_norm = _final_norm_and_rope_bytes_per_token(w) * tokens
-    if w.activation_checkpointing:
+    if w.activation_checkpointing == "full":
         # Korthikanti et al. §5 full recomputation: each checkpointed layer keeps only its input (c·s·b·h).
         kept = w.arch.num_layers * w.compute_bytes * w.arch.hidden_size * tokens
         return Figure(kept + final_norm, "L·c·s·b·h layer inputs + final norm, RoPE")
+    if w.activation_checkpointing == "selective":
+        kept = w.arch.num_layers * selective_layer_bytes_per_token(w) * tokens
+        return Figure(kept + final_norm, "L·(input + matmul and attention outputs)·s·b selective + final norm, RoPE")
     layers = w.arch.num_layers * layer_activation_bytes_per_token(w) * tokens
     return Figure(layers + final_norm, "L·(per-layer inventory)·s·b + final norm, RoPE [Korthikanti 2022]")
 
@@ -292,9 +324,11 @@ def layer_backward_bytes(w: Workload) -> Figure:
     flash, flash_text = _flash_backward_workspace_bytes_per_token(w) * tokens, ""
     if flash:
         flash_text = " + flash-attention backward workspace"
-    if not w.activation_checkpointing:
+    if w.activation_checkpointing == "off":
         return Figure(grads + flash, "(c·h + 3·c·i)·s·b gradients in one layer's backward" + flash_text)
     recomputed = layer_activation_bytes_per_token(w) * tokens
+    if w.activation_checkpointing == "selective":  # what was kept is not made again
+        recomputed = max(0, layer_activation_bytes_per_token(w) - selective_layer_bytes_per_token(w)) * tokens
     return Figure(recomputed + grads + flash,
                   "one layer recomputed + (c·h + 3·c·i)·s·b gradients in its backward" + flash_text)
 
@@ -461,7 +495,8 @@ def _qlora_scratch(w: Workload) -> int:
 def _overhead(w: Workload, churn_bytes: int) -> tuple[int, str]:
     if w.on_cpu:
         deepspeed = w.strategy.backend == "deepspeed"
-        overhead = CPU_PROCESS_BASELINE_BYTES + (CPU_DEEPSPEED_EXTRA_BYTES if deepspeed else 0)
+        baseline = CPU_PROCESS_BASELINE_FIXED_MMAP_BYTES if w.cpu_fixed_mmap_threshold else CPU_PROCESS_BASELINE_BYTES
+        overhead = baseline + (CPU_DEEPSPEED_EXTRA_BYTES if deepspeed else 0)
         return overhead, f" + {overhead // 1024**2} MiB process baseline{' with DeepSpeed' if deepspeed else ''} (measured)"
     share = CUDA_FRAGMENTATION if w.expandable_segments else CUDA_FRAGMENTATION_WITHOUT_EXPANDABLE_SEGMENTS
     mode = "expandable segments" if w.expandable_segments else "no expandable segments"

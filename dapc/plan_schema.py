@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dapc.dtypes import Precision
 from dapc.errors import DapcError
 from dapc.loading import LoadMode
+from dapc.memory import CHECKPOINT_MODES
 from dapc.recipe.schema import Recipe, StrategyName
 
 SCHEMA_VERSION = 3
@@ -29,6 +30,9 @@ TorchDtypeName = Literal["float32", "bfloat16", "float16"]
 
 class PlanError(DapcError):
     """A plan.json that cannot be used: unreadable, not a plan, of another schema version, or inconsistent."""
+
+
+CheckpointMode = Literal[CHECKPOINT_MODES]  # type: ignore[valid-type]
 
 
 class _Part(BaseModel):
@@ -134,7 +138,7 @@ class Alternative(_Part):
     """The best configuration of a strategy that was not chosen, and why it lost."""
     strategy: StrategyName  # type: ignore[valid-type]
     micro_batch: int
-    activation_checkpointing: bool
+    activation_checkpointing: CheckpointMode
     fits: bool
     total_bytes: int
     step_seconds: float
@@ -146,7 +150,7 @@ class FewestGpus(_Part):
 
     gpus: int = Field(ge=1)
     strategy: StrategyName  # type: ignore[valid-type]
-    activation_checkpointing: bool
+    activation_checkpointing: CheckpointMode
     total_bytes: int
 
 
@@ -339,7 +343,7 @@ class Plan(_Part):
     method: MethodInfo
     strategy: StrategyInfo
     batch: Batch
-    activation_checkpointing: bool
+    activation_checkpointing: CheckpointMode
     memory: Memory
     alternatives: tuple[Alternative, ...]
     suggestions: tuple[str, ...]

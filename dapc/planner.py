@@ -13,7 +13,7 @@ from dapc.compat import Setting, refusal
 from dapc.errors import DapcError
 from dapc.loading import Loading
 from dapc.kernels import LossDecision, decide_loss
-from dapc.memory import GIB, Workload
+from dapc.memory import CHECKPOINT_MODES, GIB, Workload
 from dapc.models import lora_trainable_params
 from dapc.resolve import Spec
 from dapc.strategies import PREFERENCE_ORDER, STRATEGIES, Strategy
@@ -36,7 +36,7 @@ class Candidate:
 
     strategy: Strategy
     micro_batch: int
-    activation_checkpointing: bool
+    activation_checkpointing: str  # dapc.memory.CHECKPOINT_MODES
     grad_accum: int
     figures: dict[str, memory.Figure]
     peak_phase: str
@@ -91,7 +91,7 @@ class Candidate:
     def sort_key(self) -> tuple:
         """Fastest first; ties go to the simpler strategy, the larger micro-batch, no recomputation."""
         return (round(self.step.step_seconds, 6), PREFERENCE_ORDER.index(self.strategy.name),
-                -self.micro_batch, self.activation_checkpointing)
+                -self.micro_batch, CHECKPOINT_MODES.index(self.activation_checkpointing))
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class FewestGpus:
 
     gpus: int
     strategy: str
-    activation_checkpointing: bool
+    activation_checkpointing: str  # dapc.memory.CHECKPOINT_MODES
     total_bytes: int
 
 
@@ -132,7 +132,7 @@ class Decision:
         return self.chosen.fits
 
 
-def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bool, **changes) -> Workload:
+def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: str, **changes) -> Workload:
     r = spec.recipe
     workload = Workload(
         arch=spec.arch, params=spec.params, method=r.method.name, trainable_params=spec.trainable_params,
@@ -144,8 +144,15 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: b
         model_dtype=r.model.dtype, weights_dtype=r.training.weights_dtype,
         expandable_segments=expandable_segments(r), fsdp_embedding_units=r.training.fsdp_embedding_units,
         loss_chunk_tokens=loss_decision(spec).chunk_tokens,
+        cpu_fixed_mmap_threshold="MALLOC_MMAP_THRESHOLD_" in r.launch.env,
     )
     return replace(workload, **changes) if changes else workload
+
+
+def checkpoint_mode(choice: str | bool) -> str:
+    """Returns the CHECKPOINT_MODES entry for recipe `training.activation_checkpointing` (not `auto`): true and
+    false are full and off."""
+    return {True: "full", False: "off"}.get(choice, choice)  # type: ignore[call-overload]
 
 
 def loss_decision(spec: Spec) -> LossDecision:
@@ -166,7 +173,7 @@ def expandable_segments(recipe) -> bool:
     return recipe.launch.cuda_expandable_segments
 
 
-def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bool, **changes) -> Candidate:
+def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: str, **changes) -> Candidate:
     """Returns the memory, host needs and modelled time of one configuration."""
     w = _workload(spec, strategy, micro_batch, checkpointing, **changes)
     at_peak = memory.peak(w)
@@ -174,7 +181,7 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: bo
     per_rank_sequences = spec.global_batch_sequences // w.world_size
     grad_accum = max(1, per_rank_sequences // micro_batch)
     tokens_per_step = spec.global_batch_sequences * w.seq_len
-    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing,
+    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing == "full",
                                  chunked_loss=w.loss_chunk_tokens > 0)
     step = cost.step_time(strategy, spec.device, hw.inter_node_gbps, w.world_size, w.gpus_per_node,
                           w.trainable_params, memory.gathered_param_bytes(w), w.compute_bytes, grad_accum, tokens_per_step,
@@ -270,7 +277,8 @@ def plan(spec: Spec) -> Decision:
         key, reason = _refusal(spec, strategies[0])
         raise PlanInputError(f"no strategy the runtime can run: {reason}", key)
     strategies = allowed
-    checkpointing = [False, True] if t.activation_checkpointing == "auto" else [t.activation_checkpointing]
+    checkpointing = list(CHECKPOINT_MODES) if t.activation_checkpointing == "auto" else [
+        checkpoint_mode(t.activation_checkpointing)]
     micro_batches = micro_batch_choices(per_rank) if t.micro_batch == "auto" else [t.micro_batch]
     per_strategy: dict[str, list[Candidate]] = {}
     for strategy in strategies:
@@ -317,7 +325,7 @@ def fewest_gpus(spec: Spec) -> FewestGpus | None:
     # Refusals depend on the world size (NF4 rows must split evenly): `best` checks each size it tries.
     names = [pinned] if pinned != "auto" and STRATEGIES[pinned].params_sharded else ["fsdp2-full", "zero3"]
     ckpt = spec.recipe.training.activation_checkpointing
-    ckpt = True if ckpt == "auto" else ckpt
+    ckpt = "full" if ckpt == "auto" else checkpoint_mode(ckpt)
     gpn = spec.recipe.hardware.gpus_per_node
 
     def best(world: int, runnable_only: bool = False) -> Candidate | None:
@@ -364,7 +372,7 @@ def suggest(spec: Spec, closest: Candidate) -> list[str]:
         # Nothing the runtime would refuse (checked with the recipe's own method, at the suggested world size).
         if "method" not in changes and _refusal(spec, strategy, changes.get("world_size")) is not None:
             return None
-        cands = [evaluate(spec, strategy, 1, True, **changes)]
+        cands = [evaluate(spec, strategy, 1, "full", **changes)]
         return cands[0] if cands[0].fits else None
 
     # A whole-base load peak does not shrink with more GPUs, offload or shorter sequences: only another method
@@ -387,7 +395,7 @@ def suggest(spec: Spec, closest: Candidate) -> list[str]:
                                        "zero3-offload-nvme"):
         if _refusal(spec, STRATEGIES[name]) is not None:
             continue
-        offload = evaluate(spec, STRATEGIES[name], 1, True)
+        offload = evaluate(spec, STRATEGIES[name], 1, "full")
         if offload.fits:
             out.append(f"strategy: {name}: {offload.total_bytes / GIB:.1f} GiB per GPU, "
                        f"{offload.cpu_per_node_bytes / GIB:.0f} GiB CPU RAM per node")

@@ -108,7 +108,7 @@ def template_context(plan: Plan, out_dir: Path) -> dict[str, Any]:
         "world_size": batch.world_size,
         "global_batch_sequences": batch.global_batch_sequences,
         "seq_len": batch.seq_len,
-        "activation_checkpointing": "on" if plan.activation_checkpointing else "off",
+        "activation_checkpointing": plan.activation_checkpointing,
         "total_gib": gib(mem.per_gpu_bytes.total),
         "capacity_gib": gib(mem.device_capacity_bytes),
         "counter": mem.counter,

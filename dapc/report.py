@@ -45,7 +45,7 @@ def alternatives_table(plan: Plan) -> Table:
     for column in ("strategy", "micro", "ckpt", "GiB/GPU", "s/step", "lost because"):
         table.add_column(column, justify="right" if column in ("micro", "GiB/GPU", "s/step") else "left")
     for alt in plan.alternatives:
-        table.add_row(alt.strategy, str(alt.micro_batch), "on" if alt.activation_checkpointing else "off",
+        table.add_row(alt.strategy, str(alt.micro_batch), alt.activation_checkpointing,
                       _gib(alt.total_bytes), f"{alt.step_seconds:.3g}", escape(alt.lost_because))
     return table
 
@@ -64,7 +64,7 @@ def summary_lines(plan: Plan) -> list[str]:
         f"strategy: [bold]{s.name}[/bold] ({'pinned' if s.forced else 'chosen'}): {escape(s.reason)}",
         f"batch: micro_batch {b.micro_batch} × grad_accum {b.grad_accum} × {b.world_size} GPUs = "
         f"{b.global_batch_sequences:,} sequences × {b.seq_len:,} tokens = {b.global_batch_tokens:,} tokens/step",
-        f"activation checkpointing: {'on' if plan.activation_checkpointing else 'off'}",
+        f"activation checkpointing: {plan.activation_checkpointing}",
         _fewest_line(plan),
         f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
         f"loss: {escape(plan.loss.reason)}",
@@ -84,7 +84,7 @@ def _fewest_line(plan: Plan) -> str:
     if few is None:
         return f"fewest GPUs: none up to 65,536 {escape(plan.device.name)} fit this method at micro_batch 1"
     return (f"fewest GPUs: {few.gpus:,} {escape(plan.device.name)} ({few.strategy}, micro_batch 1, activation "
-            f"checkpointing {'on' if few.activation_checkpointing else 'off'}: {few.total_bytes / GIB:.1f} GiB per GPU)")
+            f"checkpointing {few.activation_checkpointing}: {few.total_bytes / GIB:.1f} GiB per GPU)")
 
 
 def print_plan(plan: Plan, console: Console) -> None:

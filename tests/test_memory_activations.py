@@ -15,7 +15,7 @@ from dapc.strategies import STRATEGIES
 ARCH = load_architecture("dapc/tiny-llama")
 
 
-def _workload(precision: str, micro_batch: int, seq_len: int, checkpointing: bool) -> Workload:
+def _workload(precision: str, micro_batch: int, seq_len: int, checkpointing: str) -> Workload:
     params = count_params(ARCH)
     return Workload(arch=ARCH, params=params, method="full", trainable_params=params.total, precision=precision,
                     optimizer="adamw", strategy=STRATEGIES["ddp"], world_size=1, gpus_per_node=1, nodes=1,
@@ -45,6 +45,6 @@ def test_activation_inventory_matches_the_tensors_autograd_saves(dtype, precisio
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype)
     b, s = 4, 128
     saved = _saved_bytes(model, torch.randint(0, config.vocab_size, (b, s)))
-    estimate = memory.activations_kept(_workload(precision, b, s, checkpointing=False)).bytes
+    estimate = memory.activations_kept(_workload(precision, b, s, checkpointing="off")).bytes
     # Within 1%: what is left is the embedding's saved indices and per-layer rstd (s·b·4 bytes).
     assert saved == pytest.approx(estimate, rel=0.01)

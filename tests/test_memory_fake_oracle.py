@@ -17,10 +17,12 @@ import pytest
 GIB = 1024**3
 # (hidden, intermediate, layers, heads, kv heads, vocab, micro-batch, seq, activation checkpointing)
 SHAPES = [
-    (1024, 2816, 4, 8, 4, 1024, 2, 1024, False),  # layers dominate, no recomputation
-    (1024, 2816, 8, 8, 8, 1024, 4, 1024, True),  # full checkpointing: the layer-backward moment
-    (512, 1408, 4, 8, 4, 32000, 2, 1024, False),  # the logits dominate: the loss moment
-    (2048, 5632, 2, 16, 4, 2048, 1, 2048, True),  # GQA, wider layers
+    (1024, 2816, 4, 8, 4, 1024, 2, 1024, "off"),  # layers dominate, no recomputation
+    (1024, 2816, 8, 8, 8, 1024, 4, 1024, "full"),  # full checkpointing: the layer-backward moment
+    (512, 1408, 4, 8, 4, 32000, 2, 1024, "off"),  # the logits dominate: the loss moment
+    (2048, 5632, 2, 16, 4, 2048, 1, 2048, "full"),  # GQA, wider layers
+    (1024, 2816, 8, 8, 4, 1024, 4, 1024, "selective"),  # matmul and attention outputs kept, the rest recomputed
+    (2048, 5632, 4, 16, 4, 2048, 2, 1024, "selective"),  # GQA, wider layers
 ]
 
 
@@ -30,14 +32,16 @@ def _tracked(h, i, layers, heads, kv, vocab, b, s, ckpt) -> dict[str, int]:
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from runtime.train.checkpointing import checkpoint_kwargs
+
     cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=max(4096, s),
                       tie_word_embeddings=False, use_cache=False)
     with FakeTensorMode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)  # pure bf16: params and AdamW states
-        if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if ckpt != "off":  # as the runtime applies it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(ckpt))
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
         ids = torch.randint(0, vocab, (b, s))
@@ -71,7 +75,8 @@ def _planned(h, i, layers, heads, kv, vocab, b, s, ckpt) -> int:
     return sum(figures[name].bytes for name in ("weights", "optimizer", "activations", "logits"))
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["layers", "checkpointed", "logits", "gqa-wide"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["layers", "checkpointed", "logits", "gqa-wide", "selective",
+                                                "selective-gqa-wide"])
 def test_peak_matches_torch_mem_tracker_on_fake_llama(shape):
     tracked = _tracked(*shape)
     measured = tracked["Total"] - tracked["Gradient"]

@@ -26,7 +26,7 @@ def _workload(strategy: str, params: ParamCounts, world: int, gpus_per_node: int
     w = Workload(
         arch=LLAMA_8B, params=params, method="full", trainable_params=params.total, precision="bf16",
         optimizer="adamw", strategy=STRATEGIES[strategy], world_size=world, gpus_per_node=gpus_per_node,
-        nodes=max(1, world // gpus_per_node), micro_batch=1, seq_len=2048, activation_checkpointing=True,
+        nodes=max(1, world // gpus_per_node), micro_batch=1, seq_len=2048, activation_checkpointing="full",
         lora_dropout=0.0, lora_targets=(), nf4_double_quant=True, on_cpu=False,
     )
     return dataclasses.replace(w, **changes)

@@ -48,7 +48,7 @@ def test_batch_geometry_multiplies_out(minimal_recipe):
 def test_pinned_choices_are_evaluated_as_given(minimal_recipe):
     plan = _plan(minimal_recipe({"strategy": "zero3", "training": {"micro_batch": 2, "activation_checkpointing": True}}))
     assert (plan["strategy"]["name"], plan["strategy"]["forced"]) == ("zero3", True)
-    assert (plan["batch"]["micro_batch"], plan["batch"]["grad_accum"], plan["activation_checkpointing"]) == (2, 16, True)
+    assert (plan["batch"]["micro_batch"], plan["batch"]["grad_accum"], plan["activation_checkpointing"]) == (2, 16, "full")  # true means full
     assert plan["alternatives"] == []
 
 

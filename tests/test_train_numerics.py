@@ -22,7 +22,7 @@ def test_ddp_accumulating_with_activation_checkpointing_follows_fsdp2_losses(pre
     accumulating = compile_plan(tmp_path / "ddp", prepared_dir, NO_EXPORT, "strategy=ddp", "training.micro_batch=2",
                                 "training.activation_checkpointing=true")
     plan = read_plan(accumulating)
-    assert (plan["batch"]["micro_batch"], plan["batch"]["grad_accum"], plan["activation_checkpointing"]) == (2, 2, True)
+    assert (plan["batch"]["micro_batch"], plan["batch"]["grad_accum"], plan["activation_checkpointing"]) == (2, 2, "full")
     train(reference, nproc=2)
     train(accumulating, nproc=2)
     expected, got = losses(reference), losses(accumulating)

@@ -115,8 +115,10 @@ class TrainingSection(Section):
     micro_batch: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
         "auto", description="Sequences per GPU per forward pass; `auto` lets the planner pick."
     )
-    activation_checkpointing: Literal["auto"] | bool = Field(
-        "auto", description="Recompute activations in backward; `auto` lets the planner pick."
+    activation_checkpointing: Literal["auto", "off", "selective", "full"] | bool = Field(
+        "auto", description="Recompute activations in backward: `full` (each layer keeps its input), `selective` "
+        "(keeps every matmul's and attention's output, recomputes the cheap ops between them), `off`; true and "
+        "false mean full and off. `auto` lets the planner pick.",
     )
     fsdp_embedding_units: Literal["auto", "separate", "root"] = Field(
         "auto",

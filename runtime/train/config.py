@@ -78,7 +78,7 @@ class TrainPlan:
     grad_accum: int
     global_batch_sequences: int
     world_size: int
-    activation_checkpointing: bool
+    activation_checkpointing: str  # off | selective | full (runtime/train/checkpointing.py)
     loss_chunk_tokens: int  # 0: the plain loss; else positions per chunk of the chunked loss (runtime/train/loss.py)
     compile_layers: bool  # torch.compile each decoder layer
     steps: int

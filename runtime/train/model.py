@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .config import PlanError, TrainPlan
+from .checkpointing import checkpoint_kwargs
 from .loss import install_chunked_loss
 
 __all__ = ["DTYPES", "PENDING_LOAD", "QuantizedBase", "RankZeroWeights", "base_model", "base_skeleton", "build_model",
@@ -76,14 +77,15 @@ def build_model(plan: TrainPlan, device: torch.device) -> nn.Module:
     model.config.use_cache = False
     if plan.loss_chunk_tokens:
         install_chunked_loss(model, plan.loss_chunk_tokens)
-    if plan.activation_checkpointing:
+    if plan.activation_checkpointing != "off":
         # Every decoder layer, non-reentrant (works with frozen inputs under LoRA, and with FSDP2), applied
         # before sharding. transformers 5 renamed gradient_checkpointing_enable; both take the same kwargs.
+        kwargs = checkpoint_kwargs(plan.activation_checkpointing)
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if plan.compile_layers:
         # In place (nn.Module.compile), so parameter names, FSDP2 units and checkpoints stay as in eager mode;
         # each layer is traced at its first call, after LoRA and sharding have replaced what they replace.

@@ -1,0 +1,48 @@
+"""Selective activation checkpointing, measured: one process trains a small Llama off, selective and full; the
+measured peak (VmHWM) follows the plan within 15% and sits, as planned, between off and full."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_train_loss import prepared_512  # noqa: F401 (fixture: the shared corpus at seq_len 512)
+from tests.train_support import compile_plan, read_plan, records, train
+
+MIB = 1024**2
+# Wide enough that the layers' activations, not the process baseline or the logits, set the peak.
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 2048,
+          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64,
+          "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "float32", "bos_token_id": 1,
+          "eos_token_id": 2}
+
+
+def test_selective_checkpointing_sits_between_off_and_full_measured_and_planned(prepared_512: Path,  # noqa: F811
+                                                                             tmp_path: Path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(CONFIG))
+    measured, planned = {}, {}
+    for mode in ("off", "selective", "full"):
+        plan_path = compile_plan(
+            tmp_path / mode, prepared_512, f"model.source={model_dir}", "strategy=ddp", "hardware.gpus_per_node=1",
+            "data.seq_len=512", "training.micro_batch=8", "training.global_batch_sequences=8",
+            f"training.activation_checkpointing={mode}", "training.chunked_loss=true", "training.loss_chunk_tokens=256",
+            "training.max_steps=2", "checkpoint.export_hf=false", "eval.benchmarks=[]",
+            # glibc's dynamic mmap threshold would keep freed blocks in the heap (dapc.memory's CPU baselines).
+            'launch.env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}')
+        plan = read_plan(plan_path)
+        assert plan["activation_checkpointing"] == mode
+        done = train(plan_path, nproc=1)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (memory,) = records(plan_path, "memory")
+        measured[mode], planned[mode] = memory["measured_bytes"], plan["memory"]["per_gpu_bytes"]["total"]
+        print(f"\n{mode:>9}: measured {measured[mode] / MIB:,.0f} MiB, planned {planned[mode] / MIB:,.0f} MiB "
+              f"({plan['memory']['formulas']['activations']})")
+        assert abs(measured[mode] / planned[mode] - 1) <= 0.15, (mode, measured[mode], planned[mode])
+    assert planned["off"] > planned["selective"] > planned["full"]
+    assert measured["off"] > measured["selective"] > measured["full"]
+    assert measured["off"] - measured["selective"] > 100 * MIB
