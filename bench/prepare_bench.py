@@ -1,6 +1,6 @@
 """Throughput and peak memory of `runtime.prepare` against a plain `datasets.map` + group_texts baseline.
 
-    python bench/prepare_bench.py --size-mb 100 [--workers N] [--seq-len 2048] [--work-dir DIR]
+    python bench/prepare_bench.py --size-mb 1024 [--workers N] [--seq-len 2048] [--work-dir DIR]
 
 Writes a synthetic jsonl corpus (documents of 20-2,000 words drawn from the NIST corpus's own vocabulary
 at its word frequencies), then runs each method in a child process on the same files while a sampler
@@ -8,10 +8,18 @@ thread reads the child's whole process tree every 0.2 s. Reported: wall seconds 
 CPU seconds of the whole tree (user + sys: the fair figure on a shared machine), content tokens per second
 (EOS not counted), and peak memory of the tree, as the sum of RSS (counts pages
 shared by forked workers once per process, so it overstates) and the sum of PSS (shares them out).
+The load average before and after each method is printed: other users of the machine slow either side.
 
-The baseline is the Hugging Face `run_clm.py` recipe: `load_dataset("json")`, `map(tokenize, batched=True,
-num_proc=N)` with EOS appended, then `map(group_texts, batched=True, num_proc=N)` into seq_len blocks, in
-a fresh datasets cache (its Arrow files count as disk written).
+Both sides load the same tokenizer (`runtime.tokenizer.load_tokenizer`) and must produce the same number
+of content tokens, or the bench fails. What each side does:
+- runtime.prepare: N worker processes sha256 the input files while the main process loads the tokenizer,
+  then read their own byte ranges, parse JSON, split by document hash, and encode with
+  `runtime.prepare.word_cache` (the Rust backend's ids, BPE run once per distinct word); the main process
+  packs seq_len rows, sha256s and fsyncs the shards, and records progress for resuming.
+- datasets: the Hugging Face `run_clm.py` recipe: `load_dataset("json")`, `map(tokenize, batched=True,
+  num_proc=N)` with the same tokenizer's `__call__` (its Rust `encode_batch`) and EOS appended, then
+  `map(group_texts, batched=True, num_proc=N)` into seq_len blocks, in a fresh datasets cache (its Arrow
+  files count as disk written). group_texts drops each batch's remainder, so it packs fewer sequences.
 """
 
 from __future__ import annotations
@@ -192,12 +200,16 @@ def main() -> None:
     for method in ["ours"] + ([] if args.skip_baseline else ["datasets"]):
         out = args.work_dir / f"out-{method}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        rows.append(measure(method, files, out, args.workers, args.seq_len))
+        load_before = os.getloadavg()[0]
+        rows.append({**measure(method, files, out, args.workers, args.seq_len), "load_before": load_before,
+                     "load_after": os.getloadavg()[0]})
         subprocess.run(["rm", "-rf", str(out)], check=True)
+    if len({r["tokens"] for r in rows}) > 1:
+        raise SystemExit(f"the methods disagree on the content tokens: {[(r['method'], r['tokens']) for r in rows]}")
     print(f"workers {args.workers}, seq_len {args.seq_len}, tokenizer {TOKENIZER}, {os.cpu_count()} CPUs")
     header = (
         f"{'method':<20}{'wall s':>8}{'CPU s':>8}{'tokens':>13}{'tokens/s':>11}{'tokens/CPU-s':>14}"
-        f"{'peak RSS sum':>14}{'peak PSS sum':>14}{'disk':>10}"
+        f"{'peak RSS sum':>14}{'peak PSS sum':>14}{'disk':>10}{'load 1-min':>13}"
     )
     print(header)
     print("-" * len(header))
@@ -207,6 +219,13 @@ def main() -> None:
             f"{names[r['method']]:<20}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{r['tokens']:>13,}"
             f"{r['tokens'] / r['seconds']:>11,.0f}{r['tokens'] / r['cpu_seconds']:>14,.0f}"
             f"{r['peak_rss'] / 2**20:>10,.0f} MiB{r['peak_pss'] / 2**20:>10,.0f} MiB{r['disk'] / 2**20:>6,.0f} MiB"
+            f"{r['load_before']:>7.2f}→{r['load_after']:.2f}"
+        )
+    if len(rows) == 2:
+        ours, base = rows
+        print(
+            f"runtime.prepare / datasets.map: {base['seconds'] / ours['seconds']:.2f}x tokens/s (wall), "
+            f"{base['cpu_seconds'] / ours['cpu_seconds']:.2f}x tokens per CPU-second, same {ours['tokens']:,} tokens"
         )
     print("load average (1, 5, 15 min) at the end:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(json.dumps(rows))

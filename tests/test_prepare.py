@@ -18,6 +18,7 @@ import pytest
 
 from runtime.data import PackedDataset
 from runtime.prepare import PrepareError, load_manifest, prepare_corpus, prepare_from_plan
+from runtime.prepare import encode, word_cache
 from runtime.prepare.encode import is_validation
 from runtime.prepare.shards import SplitWriter
 from runtime.tokenizer import load_tokenizer
@@ -88,6 +89,89 @@ def test_nist_corpus_is_packed_into_seq_len_samples_of_documents_joined_by_eos(t
     dataset = PackedDataset(tmp_path, split="validation")
     assert len(dataset) == manifest.splits["validation"].sequences
     assert dataset.batch(range(len(dataset))).tolist() == _tokens(tmp_path, "validation").tolist()
+
+
+def _backend(**changes):
+    """The mistral-common:v1 Rust backend, with parts of its tokenizer.json replaced."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(load_tokenizer(TOKENIZER).backend_tokenizer.to_str())
+    backend = Tokenizer.from_str(json.dumps({**spec, **changes}))
+    backend.encode_special_tokens = True
+    return backend
+
+
+_SP = "\u2581"
+_LEGACY_LLAMA = {  # how the Llama and Mistral repositories' tokenizer.json spell the same SentencePiece steps
+    "normalizer": {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": _SP}, {"type": "Replace", "pattern": {"String": " "}, "content": _SP}]},
+    "pre_tokenizer": None,
+}
+
+
+def _hard_texts() -> list[str]:
+    """Spaces in runs, at the ends and next to a literal "▁"; other whitespace; special-token strings; non-ASCII."""
+    fixed = ["", " ", "  ", "a", " a", "  a", "a ", "a  ", _SP, _SP + "a", _SP * 2, "a" + _SP + " b", " " + _SP + " x",
+             "tab\tand  two  spaces   three", "\n\nnew\n line ", "</s> x </s>", "<s><unk>",
+             "caf\u00e9 \u4e2d\u6587 \U0001F600", "x" * 300 + " y", "\u3000ideographic space", "a\u00a0b", "\x00 \x01",
+             "\r\n \r\n"]
+    rng = random.Random(5)
+    alphabet = [" ", " ", _SP, "a", "e", "th", "\n", "\t", "\u00e9", "\u4e2d", "</s>", "1", ".", "\U0001F600"]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(2000)]
+    nist = [p.read_text() for p in sorted(NIST.rglob("*.md"))]
+    return fixed + fuzz + nist + [line for text in nist for line in text.split("\n")]
+
+
+@pytest.mark.parametrize("form", [{}, _LEGACY_LLAMA], ids=["mistral-common", "legacy-llama"])
+def test_the_word_cache_gives_exactly_the_backends_ids(form, monkeypatch):
+    backend = _backend(**form)
+    texts = _hard_texts()
+    expected = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    assert [ids.tolist() for ids in word_cache.word_cache_encoder(backend)(texts)] == expected
+    monkeypatch.setattr(word_cache, "_CACHE_BYTES", 4000)  # emptied many times
+    assert [ids.tolist() for ids in word_cache.word_cache_encoder(backend)(texts)] == expected
+
+
+def test_the_word_cache_is_refused_where_bpe_could_merge_across_words():
+    spec = json.loads(load_tokenizer(TOKENIZER).backend_tokenizer.to_str())
+    model = spec["model"]
+    crossing = {**model, "vocab": {**model["vocab"], "e" + _SP + "t": len(model["vocab"])},
+                "merges": [*model["merges"], ["e", _SP + "t"]]}
+    assert word_cache.word_cache_encoder(_backend()) is not None
+    assert word_cache.word_cache_encoder(_backend(model=crossing)) is None
+    split_words = {"type": "Metaspace", "replacement": _SP, "prepend_scheme": "always", "split": True}
+    assert word_cache.word_cache_encoder(_backend(pre_tokenizer=split_words)) is None
+    assert word_cache.word_cache_encoder(_backend(model={**model, "dropout": 0.1})) is None
+
+
+def test_shards_are_identical_with_or_without_the_word_cache_and_for_any_worker_count(tmp_path, monkeypatch):
+    texts = _documents(200, seed=6)
+    (tmp_path / "docs").mkdir()
+    _write_jsonl(tmp_path / "docs" / "a.jsonl", texts[:120])
+    (tmp_path / "big.txt").write_text("\n".join(texts[120:]))
+    kwargs = {"unit_bytes": 8 << 10, "shard_sequences": 40}
+    _prepare([tmp_path / "big.txt"], tmp_path / "text3", workers=3, **kwargs)
+    _prepare([tmp_path / "docs"], tmp_path / "jsonl3", workers=3, data_format="jsonl", text_field="text", **kwargs)
+    refused = []
+    monkeypatch.setattr(encode, "word_cache_encoder", lambda backend: refused.append(backend))  # its encode_batch
+    _prepare([tmp_path / "big.txt"], tmp_path / "text1", workers=1, **kwargs)
+    _prepare([tmp_path / "docs"], tmp_path / "jsonl1", workers=1, data_format="jsonl", text_field="text", **kwargs)
+    assert len(refused) == 2
+    for one, three in ((tmp_path / "text1", tmp_path / "text3"), (tmp_path / "jsonl1", tmp_path / "jsonl3")):
+        assert _shard_hashes(one) == _shard_hashes(three)
+        assert len(_shard_hashes(one)) > 2
+        assert (one / "manifest.json").read_bytes() == (three / "manifest.json").read_bytes()
+
+
+def test_a_file_that_differs_from_the_lock_is_refused_before_any_shard_is_written(tmp_path):
+    corpus = _write_jsonl(tmp_path / "docs.jsonl", _documents(50))
+    with pytest.raises(PrepareError) as e:
+        _prepare([corpus], tmp_path / "out", workers=2, data_format="jsonl", text_field="text",
+                 locked_sha256={str(corpus): "ab" * 32})
+    sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert str(e.value) == (f"{corpus}: corpus file changed since `dapc render` locked it (sha256 abababababab then, "
+                            f"{sha[:12]} now); render again")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".prepare.lock"]
 
 
 def test_same_input_gives_identical_shards_and_manifest_for_any_worker_count(tmp_path):

@@ -1,9 +1,11 @@
 """Corpus → packed token shards: the orchestration.
 
-Order of work: resolve the input paths, load and check the tokenizer, hash the inputs (their sha256s go in
-the manifest and the fingerprint), then stream work units through a process pool, at most `2 × workers` units
-in flight, results taken in unit order, each appended to its split's `SplitWriter`. Memory is bounded by the
-window (a unit is ~1 MiB of text) plus one carried partial sequence per split; shards go straight to disk.
+Order of work: resolve the input paths, start the workers (`workers`) and have them hash the inputs (their
+sha256s go in the manifest and the fingerprint) while this process loads and checks the tokenizer; refuse a
+file that differs from the lock; then stream work units through the workers, at most `2 × workers` units in
+flight, results taken in unit order, each appended to its split's `SplitWriter` (this process only packs,
+hashes and writes shards: about a tenth of one core). Memory is bounded by the window (a unit is ~1 MiB of
+text) plus one carried partial sequence per split; shards go straight to disk.
 
 Resuming: after a unit that committed a shard, and at least every few seconds, the writers' state and the
 next unit number are recorded atomically in `progress.json`. A rerun with the same fingerprint (inputs and
@@ -16,11 +18,10 @@ import fcntl
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
+import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from dapc.corpus import FORMATS, CorpusError, resolve_corpus
 from dapc.plan_schema import Plan
 from runtime.tokenizer import load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
 
-from .encode import SPLIT_RULE, SPLITS, EncodeSettings, UnitResult, encode_unit, init_worker
+from .encode import SPLIT_RULE, SPLITS, EncodeSettings, UnitResult, encode_unit, tokenizer_source
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -46,6 +47,7 @@ from .manifest import (
 )
 from .shards import ResumeMismatch, SplitWriter
 from .sources import InputFile, PrepareError, hash_file, plan_units
+from .workers import Workers
 
 DEFAULT_UNIT_BYTES = 1 << 20
 DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB per shard file
@@ -123,53 +125,60 @@ def prepare_corpus(
     except CorpusError as e:
         raise PrepareError(e.message) from e
     text_field = None if data_format == "text" else text_field
-    tok = load_tokenizer(tokenizer)
-    vocab_size = len(tok)
-    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
-    shard_sequences = shard_sequences or max(1, DEFAULT_SHARD_BYTES // (seq_len * np.dtype(dtype).itemsize))
-    settings = EncodeSettings(
-        data_format, text_field, seed, validation_fraction, tok.eos_token_id, 1 << (8 * np.dtype(dtype).itemsize)
-    )
-    tok_info = TokenizerInfo(tokenizer, tokenizer_sha256(tokenizer), vocab_size, tok.eos_token_id)
-    out = Path(prepared_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    workers = workers or os.cpu_count() or 1
     started = time.monotonic()
-    with _exclusive(out), _mapper(workers, str(resolve_tokenizer_dir(tokenizer)), settings) as mapper:
-        inputs = list(mapper(hash_file, files))
-        _check_locked(inputs, locked_sha256)
-        base = Manifest(
-            format_version=FORMAT_VERSION,
-            fingerprint="",
-            seq_len=seq_len,
-            dtype=dtype,
-            tokenizer=tok_info,
-            data_format=data_format,
-            text_field=text_field,
-            files=inputs,
-            seed=seed,
-            validation_fraction=validation_fraction,
-            split_rule=SPLIT_RULE,
-            packing=_packing(shard_sequences, unit_bytes),
-            splits={},
-        )
-        fingerprint = _sha256_json({k: v for k, v in base.to_dict().items() if k not in ("corpus", "splits", "shards")})
-        done = _finished(out, fingerprint)
-        if done is not None:
-            _say(console, f"{escape(str(out))} already holds this preparation (fingerprint {fingerprint[:12]})")
-            _report(console, out, done, None)
-            return done
-        run = _Run(out, seq_len, dtype, shard_sequences, fingerprint, console)
-        try:
-            run.restore()
-            units = itertools.islice(plan_units(inputs, data_format, text_field, unit_bytes), run.next_unit, None)
-            with _progress_bar(console, progress, sum(f.bytes for f in inputs), run.input_bytes_done) as advance:
-                for result in mapper(encode_unit, units):
-                    run.add(result)
-                    advance(result.input_bytes, run.totals["content_tokens"])
-            manifest = run.finish(base, fingerprint)
-        finally:
-            run.close()
+    with Workers(workers or os.cpu_count() or 1) as pool, tempfile.TemporaryDirectory(prefix="dapc-") as scratch:
+        hashing = pool.start(hash_file, files)  # in the workers, while this process loads the tokenizer
+        tok = load_tokenizer(tokenizer)
+        vocab_size = len(tok)
+        dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+        shard_sequences = shard_sequences or max(1, DEFAULT_SHARD_BYTES // (seq_len * np.dtype(dtype).itemsize))
+        source = tokenizer_source(tok, str(resolve_tokenizer_dir(tokenizer)), Path(scratch))
+        settings = EncodeSettings(data_format, text_field, seed, validation_fraction, tok.eos_token_id, dtype, source)
+        tok_info = TokenizerInfo(tokenizer, tokenizer_sha256(tokenizer), vocab_size, tok.eos_token_id)
+        out = Path(prepared_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out):
+            inputs = hashing()
+            _check_locked(inputs, locked_sha256)
+            base = Manifest(
+                format_version=FORMAT_VERSION,
+                fingerprint="",
+                seq_len=seq_len,
+                dtype=dtype,
+                tokenizer=tok_info,
+                data_format=data_format,
+                text_field=text_field,
+                files=inputs,
+                seed=seed,
+                validation_fraction=validation_fraction,
+                split_rule=SPLIT_RULE,
+                packing=_packing(shard_sequences, unit_bytes),
+                splits={},
+            )
+            return _tokenize(out, base, settings, pool, unit_bytes, console, progress, started)
+
+
+def _tokenize(out: Path, base: Manifest, settings: EncodeSettings, pool: Workers, unit_bytes: int,
+              console: Console | None, progress: bool, started: float) -> Manifest:
+    """Encodes, packs and shards the units not done yet into `out`; returns the manifest (the finished one, if
+    `out` already holds this preparation)."""
+    fingerprint = _sha256_json({k: v for k, v in base.to_dict().items() if k not in ("corpus", "splits", "shards")})
+    done = _finished(out, fingerprint)
+    if done is not None:
+        _say(console, f"{escape(str(out))} already holds this preparation (fingerprint {fingerprint[:12]})")
+        _report(console, out, done, None)
+        return done
+    run = _Run(out, base.seq_len, base.dtype, base.packing["shard_sequences"], fingerprint, console)
+    try:
+        run.restore()
+        units = plan_units(base.files, base.data_format, base.text_field, unit_bytes)
+        with _progress_bar(console, progress, sum(f.bytes for f in base.files), run.input_bytes_done) as advance:
+            for result in pool.ordered(encode_unit, itertools.islice(units, run.next_unit, None), settings):
+                run.add(result)
+                advance(result.input_bytes, run.totals["content_tokens"])
+        manifest = run.finish(base, fingerprint)
+    finally:
+        run.close()
     _report(console, out, manifest, (time.monotonic() - started, run.tokens_this_run))
     return manifest
 
@@ -342,28 +351,6 @@ def _exclusive(out: Path):
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _mapper(workers: int, tokenizer_dir: str, settings: EncodeSettings):
-    """An ordered map over a process pool with at most 2 × workers tasks in flight (bounded memory)."""
-    if workers <= 1:
-        init_worker(tokenizer_dir, settings, single_thread=False)
-        yield map
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, init_worker, (tokenizer_dir, settings, True)) as pool:
-
-        def ordered(fn: Callable, items: Iterable) -> Iterator:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.apply_async(fn, (item,)))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
-
-        yield ordered
 
 
 @contextmanager
