@@ -89,9 +89,10 @@ class Candidate:
         return self.misfit is None
 
     def sort_key(self) -> tuple:
-        """Fastest first; ties go to the simpler strategy, the larger micro-batch, no recomputation."""
+        """Fastest first; ties go to the simpler strategy, less recomputation (selective's elementwise recompute
+        is not in the time model), then the larger micro-batch."""
         return (round(self.step.step_seconds, 6), PREFERENCE_ORDER.index(self.strategy.name),
-                -self.micro_batch, CHECKPOINT_MODES.index(self.activation_checkpointing))
+                CHECKPOINT_MODES.index(self.activation_checkpointing), -self.micro_batch)
 
 
 @dataclass(frozen=True)
