@@ -1,8 +1,9 @@
 """The backends behind one small interface: a micro-step (forward + backward), an optimizer step, and
 saving/loading their states into a checkpoint folder.
 
-- `TorchEngine`: DDP or FSDP2 (`fully_shard` per decoder layer, then the root), a torch optimizer, states
-  through DCP (`get_*_state_dict` / `set_*_state_dict`; LoRA saves only the trainable parameters).
+- `TorchEngine`: DDP (the bare model in a single process) or FSDP2 (`fully_shard` per decoder layer, then the
+  root), a torch optimizer, states through DCP (`get_*_state_dict` / `set_*_state_dict`; LoRA saves only the
+  trainable parameters).
 - `DeepSpeedEngine`: ZeRO 1/2/3 (with offload) from the plan's DeepSpeed config, passed as is, with our
   torch AdamW; states through DeepSpeed's own `save_checkpoint` / `load_checkpoint`.
 The learning rate is a pure function of the step (`optim.lr_at`), set on the param groups before every
@@ -59,8 +60,10 @@ class Engine:
         `last` is the final micro-batch of the step: gradients are synchronized only then."""
         raise NotImplementedError
 
-    def optimizer_step(self, lr: float) -> float:
-        """Clips, steps the optimizer at learning rate `lr`, clears gradients; returns the gradient norm."""
+    def optimizer_step(self, lr: float) -> torch.Tensor | float:
+        """Clips, steps the optimizer at learning rate `lr`, clears gradients; returns the gradient norm, as a
+        0-d tensor where it was computed as one (reading it waits for the device: the loop does so only when
+        it logs)."""
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:
@@ -89,14 +92,10 @@ class TorchEngine(Engine):
             self.model = model
             self._autocast: Any = contextlib.nullcontext
         else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            # Every rank read the same frozen NF4 base from the checkpoint: DDP need not broadcast it from rank 0.
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, [name for name, p in model.named_parameters() if is_nf4(p)])
-            # The buckets are views of the gradients: no second copy of them (dapc.memory assumes this).
-            self.model = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+            # A group of one has no gradients to all-reduce: DDP would add only its hooks and bucket copies.
+            single = dist.get_world_size() == 1
+            self.model = model if single else _wrap_ddp(model, device)
+            self._no_sync = contextlib.nullcontext if single else self.model.no_sync
             mixed = plan.precision != "fp32"
             self._autocast = lambda: torch.autocast(device.type, dtype=compute_dtype(plan), enabled=mixed)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # DTensors after fully_shard
@@ -111,7 +110,7 @@ class TorchEngine(Engine):
             self.model.set_requires_gradient_sync(last or self.plan.fsdp.sync_every_micro_batch)
             sync = contextlib.nullcontext()
         else:
-            sync = contextlib.nullcontext() if last else self.model.no_sync()
+            sync = contextlib.nullcontext() if last else self._no_sync()
         with sync:
             with self._autocast():
                 loss = causal_lm_loss(self.model, input_ids, self.loss_head)
@@ -119,7 +118,7 @@ class TorchEngine(Engine):
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
 
-    def optimizer_step(self, lr: float) -> float:
+    def optimizer_step(self, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler:
@@ -136,7 +135,7 @@ class TorchEngine(Engine):
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, folder: Path) -> None:
         dcp.save(self._state(), checkpoint_id=str(folder / DCP_DIR))
@@ -164,6 +163,17 @@ class TorchEngine(Engine):
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
         return state
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Every rank read the same frozen NF4 base from the checkpoint: DDP need not broadcast it from rank 0.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, p in model.named_parameters() if is_nf4(p)])
+    # The buckets are views of the gradients: no second copy of them (dapc.memory assumes this).
+    return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _apply_fsdp2(plan: TrainPlan, model: nn.Module, device: torch.device) -> None:

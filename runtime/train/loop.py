@@ -32,6 +32,7 @@ from runtime.data import DistributedResumableSampler, PackedDataset
 from .config import PlanError, TrainPlan
 from .distributed import Distributed, init_distributed, shutdown_distributed
 from .engines import Engine, init_deepspeed_distributed, make_engine
+from .host_allocator import use_huge_pages
 from .metrics import MetricsLog, mfu
 from .model import build_model
 from .nf4 import NF4Linear
@@ -51,6 +52,8 @@ def train(plan: TrainPlan) -> None:
     resume = None if latest is None else check_resumable(latest, plan)
     check_installed(plan)
     d = init_distributed(plan)
+    if d.device.type == "cpu":
+        use_huge_pages()  # before any tensor exists: PyTorch reads the setting at its first CPU allocation
     log = MetricsLog(plan.metrics_path, d.is_main, Tracker(plan) if d.is_main else None)
     try:
         final, finished = _run(plan, d, log, resume)
@@ -96,14 +99,15 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
         loss, grad_norm, lr = _step(plan, d, engine, batches, step)
         step, steps_since_log = step + 1, steps_since_log + 1
         if step % plan.log_every_steps == 0 or step == plan.steps:
-            seconds = time.perf_counter() - mark
+            now = time.perf_counter()
+            seconds = now - mark
             tokens_per_second = steps_since_log * tokens_per_step / seconds
-            log.step(step, plan.steps, loss=_mean_over_ranks(loss, d), lr=lr, grad_norm=grad_norm,
+            log.step(step, plan.steps, loss=_mean_over_ranks(loss, d), lr=lr, grad_norm=float(grad_norm),
                      tokens=step * tokens_per_step, tokens_per_second=tokens_per_second,
                      step_seconds=seconds / steps_since_log,
                      mfu=mfu(tokens_per_second, plan.flops_per_token, d.world_size, plan.device_peak_flops),
                      peak_memory_bytes=_max_over_ranks(memory_probe.peak_bytes(plan.memory_counter), d))
-            mark, steps_since_log = time.perf_counter(), 0
+            mark, steps_since_log = now, 0  # logging counts in the next interval: it is part of training's time
         stop = step < plan.steps and _stop_requested(plan, d)
         if stop or step % plan.checkpoint_every_steps == 0 or step == plan.steps:
             final = _save(plan, d, engine, sampler, step)
@@ -148,14 +152,17 @@ def _restore(engine: Engine, sampler: DistributedResumableSampler, resume: Resum
 
 
 def _stop_requested(plan: TrainPlan, d: Distributed) -> bool:
-    """Whether the stop file exists, as rank 0 sees it, agreed by every rank (one small collective per step)."""
+    """Whether the stop file exists, as rank 0 sees it, agreed by every rank (one small collective per step,
+    none for a single process)."""
+    if d.world_size == 1:
+        return Path(plan.stop_file).exists()
     flag = torch.tensor([int(d.is_main and Path(plan.stop_file).exists())], dtype=torch.int32, device=d.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
 
 def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[torch.Tensor],
-          step: int) -> tuple[torch.Tensor, float, float]:
+          step: int) -> tuple[torch.Tensor, torch.Tensor | float, float]:
     """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate)."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(plan.grad_accum):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import TrainPlan
 
-__all__ = ["build_optimizer", "lr_at", "param_groups"]
+__all__ = ["build_optimizer", "fused_adamw", "lr_at", "param_groups"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -25,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(plan: TrainPlan, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """AdamW as the plan names it. Where DeepSpeed offloads optimizer states to the CPU it steps them there with
-    its own DeepSpeedCPUAdam (a C++ op built on first use), which the plan's `zero_force_ds_cpu_optimizer` asks for."""
+    its own DeepSpeedCPUAdam (a C++ op built on first use), which the plan's `zero_force_ds_cpu_optimizer` asks for.
+    Under DDP and FSDP2 torch's AdamW is the fused one (`fused_adamw`)."""
     settings = {"lr": plan.lr, "betas": (plan.adam_beta1, plan.adam_beta2), "eps": plan.adam_eps}
     if plan.deepspeed is not None and plan.deepspeed.get("zero_force_ds_cpu_optimizer"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -35,7 +36,17 @@ def build_optimizer(plan: TrainPlan, groups: list[dict[str, Any]]) -> torch.opti
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **settings)
-    return torch.optim.AdamW(groups, **settings)
+    if plan.backend == "deepspeed":
+        return torch.optim.AdamW(groups, **settings)  # ZeRO steps it over its own flat partitions: left as is
+    return torch.optim.AdamW(groups, fused=fused_adamw(groups), **settings)
+
+
+def fused_adamw(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused AdamW can step these parameters: floating point, on the CPU or a CUDA device. It
+    updates each tensor in one kernel, where the default on the CPU is about ten per tensor, each a pass over
+    it; its results equal the default's to within one float32 rounding."""
+    params = [p for group in groups for p in group["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_at(plan: TrainPlan, step: int) -> float:
