@@ -8,7 +8,8 @@ the final remainder dropped), and `manifest.json` (`Manifest`), written last.
 """
 
 from .manifest import FORMAT_VERSION, Manifest, SplitStats, TokenizerInfo, load_manifest
-from .pipeline import prepare_corpus, prepare_from_plan
+from .from_plan import prepare_from_plan
+from .pipeline import prepare_corpus
 from .shards import ShardInfo
 from .sources import InputFile, PrepareError
 

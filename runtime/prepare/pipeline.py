@@ -31,7 +31,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dapc.corpus import FORMATS, CorpusError, resolve_corpus
-from dapc.plan_schema import Plan
 from runtime.tokenizer import load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
 
 from .encode import SPLIT_RULE, SPLITS, EncodeSettings, UnitResult, encode_unit, tokenizer_source
@@ -42,7 +41,6 @@ from .manifest import (
     SplitStats,
     TokenizerInfo,
     load_manifest,
-    write_corpus_stat,
     write_json_atomic,
 )
 from .shards import ResumeMismatch, SplitWriter
@@ -54,46 +52,6 @@ DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB per shard file
 CHECKPOINT_SECONDS = 5.0
 PROGRESS_NAME = "progress.json"
 _COUNTERS = ("documents", "words", "content_tokens", "tokens")
-
-
-def prepare_from_plan(
-    plan: Plan,
-    *,
-    workers: int | None = None,
-    console: Console | None = None,
-    progress: bool = True,
-) -> Manifest:
-    """Prepares the corpus files the plan lists (`corpus.files`, resolved by the compiler) with the plan's data
-    settings, split with its training seed; returns the manifest.
-
-    Raises PrepareError where a listed file is gone or changed size since the plan was made: the plan's token
-    estimate and step count were computed from those files.
-    """
-    data = plan.recipe.data
-    for listed in plan.corpus.files:
-        try:
-            size = os.stat(listed.path).st_size
-        except OSError as e:
-            raise PrepareError(f"corpus file listed in the plan cannot be read: {e.strerror}", listed.path) from None
-        if size != listed.bytes:
-            raise PrepareError(f"corpus file changed since the plan was made ({listed.bytes:,} bytes planned, "
-                               f"{size:,} now); compile the recipe again", listed.path)
-    manifest = prepare_corpus(
-        [f.path for f in plan.corpus.files],  # files resolve to themselves: the plan's list, as it is
-        locked_sha256=plan.provenance.lock.corpus_sha256,
-        data_format=plan.corpus.format,
-        text_field=data.text_field if plan.corpus.format != "text" else None,
-        tokenizer=data.tokenizer,  # resolved by the compiler; load_plan refuses a plan without one
-        seq_len=data.seq_len,
-        validation_fraction=data.validation_fraction,
-        seed=plan.recipe.training.seed,
-        prepared_dir=plan.paths.prepared_dir,
-        workers=workers,
-        console=console,
-        progress=progress,
-    )
-    write_corpus_stat(Path(plan.paths.prepared_dir), manifest)
-    return manifest
 
 
 def prepare_corpus(
