@@ -29,6 +29,6 @@ def compile_recipe(path: str | Path, overrides: tuple[str, ...] = (), output: st
     spec = resolve(loaded, output_override=output)
     try:
         decision = plan(spec)
+        return Compiled(loaded, spec, decision, build_plan(spec, decision))
     except PlanInputError as e:
         raise RecipeError(e.message, loaded.locate(*e.key_path)) from e
-    return Compiled(loaded, spec, decision, build_plan(spec, decision))

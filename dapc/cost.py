@@ -22,21 +22,22 @@ def matmul_params(params: ParamCounts) -> int:
     return params.total - params.embedding + (params.embedding if params.tied else 0)
 
 
-def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, method: str, recompute: bool,
+def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, method: str, recompute: float,
                     chunked_loss: bool = False) -> float:
     """Returns training FLOPs per token.
 
     PaLM (Chowdhery et al. 2022, Appendix B): 6·N + 12·L·H·Q·T per token for forward and backward,
     N the matmul parameters, L layers, H heads, Q head size, T sequence length. With frozen weights
     (LoRA/QLoRA) backward skips the weight gradients: 4·N instead of 6·N (adapters are negligible).
-    Full activation recomputation adds one more forward: 2·N + 4·L·H·Q·T. The chunked loss recomputes the
-    LM head's forward in backward: 2·h·V.
+    Full activation recomputation adds one more forward of the decoder layers: 2·N + 4·L·H·Q·T, times
+    `recompute`, the share of layers that recompute (1 for all; ceil(L/k)/L checkpointing every k-th; 0 for
+    none). The chunked loss recomputes the LM head's forward in backward: 2·h·V.
     """
     n = matmul_params(params)
     attention = arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_len
     flops = (6 if method == "full" else 4) * n + 12 * attention
     if recompute:
-        flops += 2 * n + 4 * attention
+        flops += recompute * (2 * n + 4 * attention)
     if chunked_loss:
         flops += 2 * arch.hidden_size * arch.vocab_size
     return float(flops)

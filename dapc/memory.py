@@ -98,6 +98,17 @@ class Workload:
     zero_fp32_grad_partition: bool = True
     loss_chunk_tokens: int = 0  # plan.json loss.chunk_tokens: 0 is the plain loss (dapc.kernels)
     cpu_fixed_mmap_threshold: bool = False  # MALLOC_MMAP_THRESHOLD_ set for the training processes (CPU device)
+    checkpoint_every_layers: int = 1  # under full checkpointing, every k-th layer is checkpointed
+
+    @property
+    def checkpointed_layers(self) -> int:
+        """Decoder layers that recompute in backward: all for selective, ceil(L/k) for full (layers 0, k, 2k, ...),
+        none when off."""
+        if self.activation_checkpointing == "off":
+            return 0
+        if self.activation_checkpointing == "selective":
+            return self.arch.num_layers
+        return -(-self.arch.num_layers // self.checkpoint_every_layers)
 
     @property
     def loading(self) -> Loading:
@@ -300,8 +311,13 @@ def activations_kept(w: Workload) -> Figure:
     tokens = w.micro_batch * w.seq_len
     final_norm = _final_norm_and_rope_bytes_per_token(w) * tokens
     if w.activation_checkpointing == "full":
-        # Korthikanti et al. §5 full recomputation: each checkpointed layer keeps only its input (c·s·b·h).
-        kept = w.arch.num_layers * w.compute_bytes * w.arch.hidden_size * tokens
+        # Korthikanti et al. §5 full recomputation: each checkpointed layer keeps only its input (c·s·b·h); with
+        # every k-th layer checkpointed, the others keep their whole inventory.
+        n, rest = w.checkpointed_layers, w.arch.num_layers - w.checkpointed_layers
+        kept = (n * w.compute_bytes * w.arch.hidden_size + rest * layer_activation_bytes_per_token(w)) * tokens
+        if rest:
+            return Figure(kept + final_norm, f"⌈L/{w.checkpoint_every_layers}⌉·c·s·b·h inputs of checkpointed layers "
+                          "+ the other layers' inventory·s·b + final norm, RoPE")
         return Figure(kept + final_norm, "L·c·s·b·h layer inputs + final norm, RoPE")
     if w.activation_checkpointing == "selective":
         kept = w.arch.num_layers * selective_layer_bytes_per_token(w) * tokens
@@ -326,6 +342,11 @@ def layer_backward_bytes(w: Workload) -> Figure:
         flash_text = " + flash-attention backward workspace"
     if w.activation_checkpointing == "off":
         return Figure(grads + flash, "(c·h + 3·c·i)·s·b gradients in one layer's backward" + flash_text)
+    if w.activation_checkpointing == "full" and (w.arch.num_layers - 1) % w.checkpoint_every_layers:
+        # The last layer, whose backward runs first, kept all it needs; a checkpointed layer recomputes only after
+        # a later layer's backward freed as much as the recompute makes.
+        return Figure(grads + flash, "(c·h + 3·c·i)·s·b gradients in one layer's backward (the last layer is not "
+                      "checkpointed)" + flash_text)
     recomputed = layer_activation_bytes_per_token(w) * tokens
     if w.activation_checkpointing == "selective":  # what was kept is not made again
         recomputed = max(0, layer_activation_bytes_per_token(w) - selective_layer_bytes_per_token(w)) * tokens

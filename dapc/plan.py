@@ -13,10 +13,12 @@ from dapc.cost import flops_per_token, run_cost
 from dapc.kernels import decide_compile
 from dapc.lock import installed_versions, python_version, tokenizer_identity
 from dapc.memory import GIB
-from dapc.plan_schema import SCHEMA_VERSION, Plan, sha256_of, trajectory_of
-from dapc.planner import COMPONENTS, Candidate, Decision, expandable_segments, loss_decision
+from dapc.plan_schema import SCHEMA_VERSION, Plan, Schedule, sha256_of, trajectory_of
+from dapc.planner import COMPONENTS, Candidate, Decision, PlanInputError, expandable_segments, loss_decision
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
+from dapc.schedule import key_points
+from dapc.sources import EPOCHS_WARNING
 
 
 
@@ -134,6 +136,60 @@ def _tracking_warnings(spec: Spec) -> list[str]:
     return []
 
 
+def _corpus(spec: Spec, decision: Decision) -> dict[str, Any]:
+    """Returns the plan's corpus: every source with its files, estimate and share, and the filters prepare applies."""
+    d = spec.recipe.data
+    single = len(decision.sources) == 1
+    sources = [{
+        "name": p.source.name, "role": p.source.role, "format": p.source.format, "text_field": p.source.text_field,
+        "files": [{"path": f.path, "bytes": f.bytes} for f in p.source.files], "total_bytes": p.source.bytes,
+        "estimated_tokens": p.estimated_tokens, "planned_tokens": p.planned_tokens, "share": _rounded(p.share),
+        "epochs": _rounded(p.epochs), "amount": p.amount,
+        # One source keeps the layout of a plain corpus; several get a folder each.
+        "prepared_dir": d.prepared_dir if single else str(Path(d.prepared_dir) / p.source.name),
+    } for p in decision.sources]
+    benchmarks = {b.name: b.path for b in spec.recipe.eval.benchmarks}
+    decon = d.decontamination
+    on = decon.enabled is True or (decon.enabled == "auto" and bool(benchmarks))
+    if decon.enabled is True and not benchmarks:
+        raise PlanInputError("decontamination is on, but eval.benchmarks names no benchmark to check against",
+                             ("data", "decontamination", "enabled"))
+    return {
+        "sources": sources,
+        "files": [{"path": f.path, "bytes": f.bytes} for f in spec.corpus],
+        "total_bytes": spec.corpus_bytes,
+        "dedup": d.dedup.model_dump() if d.dedup.exact or d.dedup.near else None,
+        "decontamination": {"ngram": decon.ngram, "min_matches": decon.min_matches,
+                            "benchmarks": benchmarks} if on else None,
+    }
+
+
+def _source_warnings(decision: Decision) -> list[str]:
+    return [f"source {p.source.name}: {p.epochs:,.1f} passes over its estimated {p.estimated_tokens:,} tokens; past "
+            f"about {EPOCHS_WARNING:g} repeated data adds little (Muennighoff et al. 2023)"
+            for p in decision.sources if p.epochs > EPOCHS_WARNING]
+
+
+def _schedule(t: Any, steps: int) -> dict[str, Any]:
+    """Returns the plan's learning-rate schedule for `steps` optimizer steps, with its key points."""
+    warmup = round(t.warmup_fraction * steps)
+    decay = round(t.decay_fraction * steps) if t.schedule in ("wsd", "constant-with-cooldown") else steps - warmup
+    fields = {"kind": t.schedule, "peak_lr": t.lr, "min_lr": t.lr * (t.min_lr_ratio if t.schedule != "constant" else 1),
+              "warmup_start_lr": t.warmup_start_lr, "warmup_steps": warmup,
+              "decay_steps": 0 if t.schedule == "constant" else min(decay, steps - warmup), "total_steps": steps,
+              "points": ()}
+    points = key_points(Schedule.model_validate(fields))
+    return {**fields, "points": [(step, _rounded(lr)) for step, lr in points]}
+
+
+def _recompute_share(spec: Spec, c: Candidate) -> float:
+    """The share of decoder layers the chosen configuration recomputes in full (`planner.recompute_share`)."""
+    if c.activation_checkpointing != "full":
+        return 0.0
+    layers = spec.arch.num_layers
+    return -(-layers // c.checkpoint_every_layers) / layers
+
+
 def build_plan(spec: Spec, decision: Decision) -> Plan:
     """Returns the typed plan for a spec and the planner's decision, hashed."""
     c, r = decision.chosen, spec.recipe
@@ -180,18 +236,21 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "gpus_per_node": hw.gpus_per_node,
         },
         "activation_checkpointing": c.activation_checkpointing,
+        "activation_checkpointing_every_layers": c.checkpoint_every_layers,
         "memory": {**_memory(c), "counter": "cpu.vm_hwm" if spec.device.is_cpu else "cuda.max_memory_reserved"},
         "alternatives": [
             {
                 "strategy": a.candidate.strategy.name, "micro_batch": a.candidate.micro_batch,
-                "activation_checkpointing": a.candidate.activation_checkpointing, "fits": a.candidate.fits,
+                "activation_checkpointing": a.candidate.activation_checkpointing,
+                "activation_checkpointing_every_layers": a.candidate.checkpoint_every_layers, "fits": a.candidate.fits,
                 "total_bytes": a.candidate.total_bytes, "step_seconds": _rounded(a.candidate.step.step_seconds),
                 "lost_because": a.lost_because,
             }
             for a in decision.alternatives
         ],
         "suggestions": decision.suggestions,
-        "warnings": [*spec.warnings, *_time_limit_warnings(spec, preemption), *_tracking_warnings(spec)],
+        "warnings": [*spec.warnings, *_source_warnings(decision), *_time_limit_warnings(spec, preemption),
+                     *_tracking_warnings(spec)],
         "fewest_gpus": None if decision.fewest_gpus is None else asdict(decision.fewest_gpus),
         "cost": {
             "tokens": decision.tokens,
@@ -199,9 +258,9 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "tokens_per_byte_assumed": None if decision.tokens_exact else r.data.tokens_per_byte,
             "corpus_bytes": spec.corpus_bytes,
             "corpus_files": spec.corpus_files,
-            "flops_per_token": _rounded(flops_per_token(spec.arch, spec.params, r.data.seq_len, r.method.name,
-                                                        c.activation_checkpointing == "full",
-                                                        loss.chunk_tokens > 0)),
+            "flops_per_token": _rounded(flops_per_token(
+                spec.arch, spec.params, r.data.seq_len, r.method.name,
+                _recompute_share(spec, c), loss.chunk_tokens > 0)),
             "assumed_mfu": hw.assumed_mfu,
             "compute_seconds": _rounded(cost_step.compute_seconds),
             "comm_seconds": _rounded(cost_step.comm_seconds),
@@ -219,19 +278,12 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "intra_node_gbps": spec.device.intra_node_gbps, "is_cpu": spec.device.is_cpu, "source": spec.device.source,
         },
         "paths": _paths(spec),
-        "corpus": {
-            "format": r.data.format,
-            "files": [{"path": f.path, "bytes": f.bytes} for f in spec.corpus],
-            "total_bytes": spec.corpus_bytes,
-        },
+        "corpus": _corpus(spec, decision),
         "loss": {"kind": loss.kind, "chunk_tokens": loss.chunk_tokens, "reason": loss.reason},
         "torch_compile": asdict(decide_compile(t.compile, spec.device.is_cpu, r.method.name, c.strategy.backend)),
         "loading": {"mode": c.loading.mode, "base_dtype": c.loading.base_dtype,
                     "trained_dtype": c.loading.trained_dtype, "reason": c.loading.reason},
-        "schedule": {
-            "kind": t.schedule, "peak_lr": t.lr, "min_lr": t.lr * (t.min_lr_ratio if t.schedule != "constant" else 1),
-            "warmup_steps": round(t.warmup_fraction * run.steps), "total_steps": run.steps,
-        },
+        "schedule": _schedule(t, decision.steps),
         "runtime": {
             "env": _training_env(spec),
             "backend": c.strategy.backend,

@@ -21,7 +21,7 @@ from dapc.loading import LoadMode
 from dapc.memory import CHECKPOINT_MODES
 from dapc.recipe.schema import Recipe, StrategyName
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_PLAN_BYTES = 64 * 1024**2  # a plan is kilobytes; anything this large is not one
 Counter = Literal["cuda.max_memory_reserved", "cuda.max_memory_allocated", "cpu.vm_hwm"]
 Backend = Literal["ddp", "fsdp2", "deepspeed"]
@@ -139,6 +139,7 @@ class Alternative(_Part):
     strategy: StrategyName  # type: ignore[valid-type]
     micro_batch: int
     activation_checkpointing: CheckpointMode
+    activation_checkpointing_every_layers: int = Field(ge=1)
     fits: bool
     total_bytes: int
     step_seconds: float
@@ -202,12 +203,51 @@ class CorpusFileInfo(_Part):
     bytes: int = Field(ge=0)
 
 
-class Corpus(_Part):
-    """The corpus files the compiler resolved (`dapc.corpus`): what `prepare` reads, nothing else."""
+class Source(_Part):
+    """One source of the training stream (`dapc.sources`): its files, what the compiler estimated, and the share of
+    the stream the sampler draws from it. `prepare` writes it to `prepared_dir`."""
 
+    name: str
+    role: Literal["domain", "replay"]
     format: Literal["text", "jsonl", "parquet"]
+    text_field: str | None = Field(description="The field holding the text; null for plain text.")
+    files: tuple[CorpusFileInfo, ...] = Field(min_length=1)
+    total_bytes: int = Field(ge=0)
+    estimated_tokens: int = Field(ge=0, description="Its bytes × data.tokens_per_byte.")
+    planned_tokens: int = Field(ge=0, description="Training tokens drawn from it: share × cost.tokens.")
+    share: float = Field(gt=0, le=1, description="Share of the training stream's sequences drawn from it.")
+    epochs: float = Field(ge=0, description="planned / estimated tokens: passes over it.")
+    amount: str = Field(description="What the recipe said that set its share.")
+    prepared_dir: str
+
+
+class Dedup(_Part):
+    """Deduplication in `prepare`, as `data.dedup` asks: exact (normalized hash) and near (MinHash LSH)."""
+
+    exact: bool
+    near: bool
+    near_threshold: float
+    num_perm: int
+    shingle_words: int
+
+
+class Decontamination(_Part):
+    """Documents sharing `min_matches` word `ngram`-grams with one item of these benchmarks are dropped."""
+
+    ngram: int
+    min_matches: int
+    benchmarks: dict[str, str] = Field(min_length=1, description="Benchmark name → file.")
+
+
+class Corpus(_Part):
+    """The corpus the compiler resolved (`dapc.corpus`, `dapc.sources`): what `prepare` reads, nothing else.
+    `files` is every source's files together (the lock hashes them)."""
+
+    sources: tuple[Source, ...] = Field(min_length=1)
     files: tuple[CorpusFileInfo, ...] = Field(min_length=1)
     total_bytes: int
+    dedup: Dedup | None
+    decontamination: Decontamination | None
 
 
 class Loading(_Part):
@@ -236,14 +276,18 @@ class TorchCompile(_Part):
 
 
 class Schedule(_Part):
-    """The learning rate at every step: linear warmup to `peak_lr` over `warmup_steps`, then `kind` decay to
-    `min_lr` at the last of `total_steps`."""
+    """The learning rate at every step (`dapc.schedule.lr_at`): linear warmup from `warmup_start_lr` to `peak_lr`
+    over `warmup_steps`, then the `kind`'s shape down to `min_lr` at the last of `total_steps` (wsd and
+    constant-with-cooldown: over the last `decay_steps`). `points` are its (step, lr) key points."""
 
-    kind: Literal["cosine", "linear", "constant"]
+    kind: Literal["cosine", "linear", "constant", "wsd", "constant-with-cooldown"]
     peak_lr: float
     min_lr: float
+    warmup_start_lr: float = Field(ge=0)
     warmup_steps: int = Field(ge=0)
+    decay_steps: int = Field(ge=0)
     total_steps: int = Field(ge=1)
+    points: tuple[tuple[int, float], ...]
 
 
 class FsdpSettings(_Part):
@@ -330,7 +374,7 @@ class Provenance(_Part):
 class Plan(_Part):
     """The whole plan. Everything but `provenance` is covered by `plan_sha256`."""
 
-    schema_version: Literal[3]
+    schema_version: Literal[4]
     recipe: Recipe
     recipe_sha256: str
     plan_sha256: str
@@ -344,6 +388,9 @@ class Plan(_Part):
     strategy: StrategyInfo
     batch: Batch
     activation_checkpointing: CheckpointMode
+    activation_checkpointing_every_layers: int = Field(
+        ge=1, description="Under full checkpointing, every k-th decoder layer (0, k, 2k, ...) is checkpointed; 1 "
+        "for off and selective.")
     memory: Memory
     alternatives: tuple[Alternative, ...]
     suggestions: tuple[str, ...]
@@ -371,8 +418,8 @@ class Plan(_Part):
 
 # Recipe keys that lay the same training out over devices without changing its updates; everything else in
 # `recipe.training` (and the model, method and data sections) is part of the trajectory.
-_LAYOUT_TRAINING_KEYS = ("micro_batch", "activation_checkpointing", "fsdp_embedding_units", "chunked_loss",
-                         "loss_chunk_tokens", "compile", "log_every_steps",
+_LAYOUT_TRAINING_KEYS = ("micro_batch", "activation_checkpointing", "checkpoint_every_layers", "fsdp_embedding_units",
+                         "chunked_loss", "loss_chunk_tokens", "compile", "log_every_steps",
                          "global_batch_tokens", "global_batch_sequences")  # the last two: resolved, in `batch`
 
 
@@ -384,7 +431,8 @@ def trajectory_of(plan: Plan) -> dict[str, Any]:
     data = {k: v for k, v in recipe["data"].items() if k != "prepared_dir"}  # where, not what
     return {
         "model": recipe["model"], "model_config": plan.model.config, "method": recipe["method"],
-        "data": data, "training": training, "corpus": plan.corpus.model_dump(mode="json"),
+        "data": data, "training": training,
+        "corpus": plan.corpus.model_dump(mode="json", exclude={"sources": {"__all__": {"prepared_dir"}}}),
         "seq_len": plan.batch.seq_len, "global_batch_sequences": plan.batch.global_batch_sequences,
         "schedule": plan.schedule.model_dump(mode="json"),
         "dtypes": [plan.loading.base_dtype, plan.loading.trained_dtype],

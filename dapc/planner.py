@@ -16,6 +16,7 @@ from dapc.kernels import LossDecision, decide_loss
 from dapc.memory import CHECKPOINT_MODES, GIB, Workload
 from dapc.models import lora_trainable_params
 from dapc.resolve import Spec
+from dapc.sources import PlannedSource, SourcePlanError, plan_sources
 from dapc.strategies import PREFERENCE_ORDER, STRATEGIES, Strategy
 
 MAX_MICRO_BATCH = 64
@@ -53,6 +54,13 @@ class Candidate:
     reclaimable_bytes: int
     outside_allocator_bytes: int
     checkpoint_bytes: int  # one checkpoint, all ranks together
+    checkpoint_every_layers: int = 1  # full checkpointing of every k-th layer
+
+    @property
+    def checkpointing_text(self) -> str:
+        """The checkpointing mode as the plan's tables show it: off, selective, full, or full/k (every k-th layer)."""
+        k = self.checkpoint_every_layers
+        return f"full/{k}" if self.activation_checkpointing == "full" and k > 1 else self.activation_checkpointing
 
     @property
     def total_bytes(self) -> int:
@@ -92,7 +100,7 @@ class Candidate:
         """Fastest first; ties go to the simpler strategy, less recomputation (selective's elementwise recompute
         is not in the time model), then the larger micro-batch."""
         return (round(self.step.step_seconds, 6), PREFERENCE_ORDER.index(self.strategy.name),
-                CHECKPOINT_MODES.index(self.activation_checkpointing), -self.micro_batch)
+                CHECKPOINT_MODES.index(self.activation_checkpointing), self.checkpoint_every_layers, -self.micro_batch)
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,7 @@ class Decision:
     steps: int
     tokens: int
     tokens_exact: bool
+    sources: tuple[PlannedSource, ...] = ()
     fewest_gpus: "FewestGpus | None" = None
 
     @property
@@ -174,15 +183,18 @@ def expandable_segments(recipe) -> bool:
     return recipe.launch.cuda_expandable_segments
 
 
-def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: str, **changes) -> Candidate:
-    """Returns the memory, host needs and modelled time of one configuration."""
-    w = _workload(spec, strategy, micro_batch, checkpointing, **changes)
+def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: str, every_layers: int = 1,
+             **changes) -> Candidate:
+    """Returns the memory, host needs and modelled time of one configuration (`every_layers`: under full
+    checkpointing, every k-th decoder layer is checkpointed)."""
+    every_layers = every_layers if checkpointing == "full" else 1
+    w = _workload(spec, strategy, micro_batch, checkpointing, checkpoint_every_layers=every_layers, **changes)
     at_peak = memory.peak(w)
     hw = spec.recipe.hardware
     per_rank_sequences = spec.global_batch_sequences // w.world_size
     grad_accum = max(1, per_rank_sequences // micro_batch)
     tokens_per_step = spec.global_batch_sequences * w.seq_len
-    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, checkpointing == "full",
+    flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, recompute_share(w),
                                  chunked_loss=w.loss_chunk_tokens > 0)
     step = cost.step_time(strategy, spec.device, hw.inter_node_gbps, w.world_size, w.gpus_per_node,
                           w.trainable_params, memory.gathered_param_bytes(w), w.compute_bytes, grad_accum, tokens_per_step,
@@ -198,8 +210,14 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: st
         headroom_bytes=int(capacity * hw.headroom_fraction), cpu_ram_bytes=int(hw.cpu_ram_gib * GIB),
         nvme_bytes=int(hw.nvme_gib * GIB), step=step, loading=w.loading,
         allocator_reserve_bytes=reserve, reclaimable_bytes=reclaimable, outside_allocator_bytes=outside,
-        checkpoint_bytes=memory_loading.checkpoint_bytes(w).bytes,
+        checkpoint_bytes=memory_loading.checkpoint_bytes(w).bytes, checkpoint_every_layers=every_layers,
     )
+
+
+def recompute_share(w: Workload) -> float:
+    """Returns the share of decoder layers whose whole forward runs again in backward: full checkpointing's
+    checkpointed layers; selective recomputes only elementwise ops, which the time model does not count."""
+    return w.checkpointed_layers / w.arch.num_layers if w.activation_checkpointing == "full" else 0.0
 
 
 def _cache_capped_at_the_card(at_peak: memory.Peak, available_bytes: int) -> tuple[dict, int, int]:
@@ -214,6 +232,17 @@ def _cache_capped_at_the_card(at_peak: memory.Peak, available_bytes: int) -> tup
     buffers = at_peak.figures["buffers"]
     capped = memory.Figure(buffers.bytes - cut, buffers.formula + ", cache capped at the card")
     return {**at_peak.figures, "buffers": capped}, at_peak.allocator_reserve_bytes - cut, kept
+
+
+AUTO_EVERY_LAYERS = (1, 2, 4)
+
+
+def every_layers_choices(choice: str | int, num_layers: int, mode_auto: bool) -> list[int]:
+    """Returns the k of full checkpointing (every k-th layer) to try: the recipe's; for `auto`, AUTO_EVERY_LAYERS up
+    to L where the planner also picks the mode, else 1 (a pinned `full` checkpoints every layer)."""
+    if choice != "auto":
+        return [int(choice)]
+    return [k for k in AUTO_EVERY_LAYERS if k <= num_layers] if mode_auto else [1]
 
 
 def micro_batch_choices(per_rank_sequences: int) -> list[int]:
@@ -246,11 +275,15 @@ def _nodes_text(nodes: int) -> str:
     return f"{nodes} node{'s' if nodes != 1 else ''}"
 
 
-def _tokens(spec: Spec) -> tuple[int, bool]:
+def _tokens(spec: Spec) -> tuple[int, bool, tuple[PlannedSource, ...]]:
+    """The token budget, whether the recipe gave it exactly, and each source's share of it (`dapc.sources`)."""
     r = spec.recipe
-    if r.training.tokens is not None:
-        return r.training.tokens, True
-    return int(spec.corpus_bytes * r.data.tokens_per_byte * r.training.epochs), False
+    try:
+        total, planned = plan_sources(spec.sources, r.training.tokens, r.training.epochs, r.data.tokens_per_byte)
+    except SourcePlanError as e:
+        raise PlanInputError(e.message, e.key_path) from e
+    exact = r.training.tokens is not None or all(s.tokens is not None for s in spec.sources if s.role == "domain")
+    return total, exact, planned
 
 
 def _lost_because(best: Candidate, other: Candidate) -> str:
@@ -280,11 +313,14 @@ def plan(spec: Spec) -> Decision:
     strategies = allowed
     checkpointing = list(CHECKPOINT_MODES) if t.activation_checkpointing == "auto" else [
         checkpoint_mode(t.activation_checkpointing)]
+    layer_steps = every_layers_choices(t.checkpoint_every_layers, spec.arch.num_layers,
+                                       t.activation_checkpointing == "auto")
+    modes = [(c, k) for c in checkpointing for k in (layer_steps if c == "full" else (1,))]
     micro_batches = micro_batch_choices(per_rank) if t.micro_batch == "auto" else [t.micro_batch]
     per_strategy: dict[str, list[Candidate]] = {}
     for strategy in strategies:
         per_strategy[strategy.name] = [
-            evaluate(spec, strategy, m, ckpt) for ckpt in checkpointing for m in micro_batches
+            evaluate(spec, strategy, m, ckpt, k) for ckpt, k in modes for m in micro_batches
         ]
     best_of = {}
     for name, cands in per_strategy.items():
@@ -294,7 +330,7 @@ def plan(spec: Spec) -> Decision:
     ranked = sorted((c for c in best_of.values() if c.fits), key=Candidate.sort_key) + sorted(
         (c for c in best_of.values() if not c.fits), key=lambda c: c.total_bytes)
     chosen = ranked[0]
-    tokens, exact = _tokens(spec)
+    tokens, exact, planned_sources = _tokens(spec)
     tokens_per_step = spec.global_batch_sequences * spec.recipe.data.seq_len
     steps = max(1, ceil(tokens / tokens_per_step))
     if t.max_steps is not None:
@@ -310,6 +346,7 @@ def plan(spec: Spec) -> Decision:
         steps=steps,
         tokens=tokens,
         tokens_exact=exact,
+        sources=planned_sources,
     )
 
 

@@ -61,7 +61,8 @@ def template_context(plan: Plan, out_dir: Path) -> dict[str, Any]:
     nodes, gpus = batch.nodes, batch.gpus_per_node
     slurm_output = _sbatch_safe(f"{output_dir}/slurm-%j.out", "output directory")
     python = launch.python
-    wait = f'until [ -f {shlex.quote(plan.paths.prepared_dir + "/manifest.json")} ]; do sleep 10; done'
+    ready = " && ".join(f"[ -f {shlex.quote(s.prepared_dir + '/manifest.json')} ]" for s in plan.corpus.sources)
+    wait = f"until {ready}; do sleep 10; done"
     train = f'{shlex.quote(python)} -m torch.distributed.run -m runtime.train --plan "$DAPC_PLAN"'
     prepare = f'{shlex.quote(python)} -m runtime.prepare --plan "$DAPC_PLAN"'
     roles = [("Master", 1, f"{prepare} && {train}")] + ([("Worker", nodes - 1, f"{wait} && {train}")] if nodes > 1 else [])

@@ -45,7 +45,8 @@ def alternatives_table(plan: Plan) -> Table:
     for column in ("strategy", "micro", "ckpt", "GiB/GPU", "s/step", "lost because"):
         table.add_column(column, justify="right" if column in ("micro", "GiB/GPU", "s/step") else "left")
     for alt in plan.alternatives:
-        table.add_row(alt.strategy, str(alt.micro_batch), alt.activation_checkpointing,
+        table.add_row(alt.strategy, str(alt.micro_batch),
+                      _checkpointing(alt.activation_checkpointing, alt.activation_checkpointing_every_layers),
                       _gib(alt.total_bytes), f"{alt.step_seconds:.3g}", escape(alt.lost_because))
     return table
 
@@ -53,9 +54,10 @@ def alternatives_table(plan: Plan) -> Table:
 def summary_lines(plan: Plan) -> list[str]:
     """Returns the plan's headline numbers, one derived number per line with its unit and origin."""
     r, m, b, c, s = plan.recipe, plan.model, plan.batch, plan.cost, plan.strategy
-    tokens_origin = "recipe token budget" if c.tokens_exact else (
+    tokens_origin = ("recipe token budget" if r.training.tokens is not None else "the sources' tokens") if c.tokens_exact else (
         f"estimated: {c.corpus_bytes:,} corpus bytes × {c.tokens_per_byte_assumed} tokens/byte "
-        f"× {r.training.epochs} epochs")
+        f"× {r.training.epochs} epochs" if len(plan.corpus.sources) == 1 else
+        f"estimated from the sources' amounts at {c.tokens_per_byte_assumed} tokens/byte")
     sched = plan.schedule
     return [
         f"model: {escape(m.name)}: {m.params.total:,} parameters "
@@ -64,7 +66,8 @@ def summary_lines(plan: Plan) -> list[str]:
         f"strategy: [bold]{s.name}[/bold] ({'pinned' if s.forced else 'chosen'}): {escape(s.reason)}",
         f"batch: micro_batch {b.micro_batch} × grad_accum {b.grad_accum} × {b.world_size} GPUs = "
         f"{b.global_batch_sequences:,} sequences × {b.seq_len:,} tokens = {b.global_batch_tokens:,} tokens/step",
-        f"activation checkpointing: {plan.activation_checkpointing}",
+        f"activation checkpointing: "
+        f"{_checkpointing(plan.activation_checkpointing, plan.activation_checkpointing_every_layers, long=True)}",
         _fewest_line(plan),
         f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
         f"loss: {escape(plan.loss.reason)}",
@@ -72,11 +75,41 @@ def summary_lines(plan: Plan) -> list[str]:
         f"tokens: {c.tokens:,} ({tokens_origin})",
         f"steps: {c.steps:,} at {c.step_seconds:.3g} s/step (compute {c.compute_seconds:.3g} s at MFU "
         f"{c.assumed_mfu}, communication {c.comm_seconds:.3g} s, offload {c.offload_seconds:.3g} s)",
-        f"schedule: {sched.kind}, warmup {sched.warmup_steps:,} steps to lr {sched.peak_lr:g}, "
-        f"{sched.min_lr:g} at step {sched.total_steps:,}",
+        f"schedule: {sched.kind}"
+        + (f" (re-warming from lr {sched.warmup_start_lr:g})" if sched.warmup_start_lr else "")
+        + ": " + ", ".join(f"step {step:,} lr {lr:.3g}" for step, lr in sched.points),
+        *_source_lines(plan),
+        *_filter_lines(plan),
         f"run: {c.wall_seconds / 3600:,.2f} h wall, {c.gpu_hours:,.1f} GPU-hours, ${c.usd:,.0f}, "
         f"{c.kwh:,.1f} kWh",
     ]
+
+
+def _checkpointing(mode: str, every_layers: int, long: bool = False) -> str:
+    if mode != "full" or every_layers == 1:
+        return mode
+    return f"full, every {every_layers} layers" if long else f"full/{every_layers}"
+
+
+def _source_lines(plan: Plan) -> list[str]:
+    """One line per source when the corpus has several: bytes, tokens estimated and drawn, share, passes."""
+    if len(plan.corpus.sources) == 1:
+        return []
+    return [f"source {escape(s.name)} ({s.role}, {s.amount}): {s.total_bytes:,} bytes ≈ {s.estimated_tokens:,} "
+            f"tokens; draws {s.planned_tokens:,} tokens = {s.share:.1%} of the stream, {s.epochs:.2f} epochs"
+            for s in plan.corpus.sources]
+
+
+def _filter_lines(plan: Plan) -> list[str]:
+    lines = []
+    if (d := plan.corpus.dedup) is not None:
+        kinds = [k for k, on in (("exact", d.exact), (f"near (MinHash LSH, Jaccard ≥ {d.near_threshold:g})", d.near))
+                 if on]
+        lines.append(f"dedup: {' and '.join(kinds)}, first occurrence kept")
+    if (x := plan.corpus.decontamination) is not None:
+        lines.append(f"decontamination: documents sharing {x.min_matches} {x.ngram}-gram"
+                     f"{'s' if x.min_matches > 1 else ''} with an item of {', '.join(x.benchmarks)} are dropped")
+    return lines
 
 
 def _fewest_line(plan: Plan) -> str:

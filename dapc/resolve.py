@@ -13,6 +13,7 @@ from dapc.hardware import Device, resolve_device
 from dapc.lock import MISTRAL_COMMON_PREFIX
 from dapc.models import Architecture, ParamCounts, count_params, load_architecture, lora_trainable_params
 from dapc.recipe import LoadedRecipe, Recipe
+from dapc.sources import SINGLE_SOURCE_NAME, SourceFiles
 
 MISTRAL_COMMON_TOKENIZER = MISTRAL_COMMON_PREFIX + "v1"
 DEFAULT_GLOBAL_BATCH_TOKENS = 4 * 1024 * 1024
@@ -29,7 +30,8 @@ class Spec:
     trainable_params: int
     device: Device
     world_size: int
-    corpus: tuple[CorpusFile, ...]
+    corpus: tuple[CorpusFile, ...]  # every source's files, each once
+    sources: tuple[SourceFiles, ...]
     global_batch_sequences: int
     global_batch_sequences_origin: str
     warnings: tuple[str, ...] = ()
@@ -56,12 +58,44 @@ def _absolute(loaded: LoadedRecipe, text: str, *key_path: Any) -> str:
     return str(path if path.is_absolute() else (loaded.origin_dir(*key_path) / path).resolve())
 
 
-def _corpus(data_paths: list[str], fmt: str, loaded: LoadedRecipe) -> tuple[CorpusFile, ...]:
+def _corpus(data_paths: list[str], fmt: str, loaded: LoadedRecipe, *key: object) -> tuple[CorpusFile, ...]:
     try:
         return tuple(resolve_corpus(data_paths, fmt))
     except CorpusError as e:
-        where = loaded.locate("data", "paths", e.entry_index) if e.entry_index is not None else loaded.locate("data")
+        where = loaded.locate(*key, e.entry_index) if e.entry_index is not None else loaded.locate(*key)
         raise RecipeError(e.message, where) from e
+
+
+def _sources(recipe: Recipe, loaded: LoadedRecipe) -> tuple[tuple[SourceFiles, ...], dict]:
+    """Returns the corpus's sources with their files resolved, and the recipe's `data` updates (absolute paths)."""
+    d = recipe.data
+
+    def files(entries: list[str], fmt: str, *key: object) -> tuple[list[str], tuple[CorpusFile, ...]]:
+        absolute = [_absolute(loaded, p, *key, i) for i, p in enumerate(entries)]
+        return absolute, _corpus(absolute, fmt, loaded, *key)
+
+    def field(fmt: str, own: str | None) -> str | None:
+        return None if fmt == "text" else own or d.text_field
+
+    if d.paths:
+        paths, found = files(d.paths, d.format, "data", "paths")
+        return (SourceFiles(SINGLE_SOURCE_NAME, "domain", d.format, field(d.format, None), found, weight=1.0,
+                            where=("data", "paths")),), {"paths": paths}
+    sources, updated = [], []
+    for index, src in enumerate(d.sources):
+        fmt = src.format or d.format
+        paths, found = files(src.paths, fmt, "data", "sources", index, "paths")
+        sources.append(SourceFiles(src.name, "domain", fmt, field(fmt, src.text_field), found, weight=src.weight,
+                                   tokens=src.tokens, epochs=src.epochs, where=("data", "sources", index)))
+        updated.append(src.model_copy(update={"paths": paths}))
+    update: dict = {"sources": updated}
+    if d.replay is not None:
+        fmt = d.replay.format or d.format
+        paths, found = files(d.replay.paths, fmt, "data", "replay", "paths")
+        sources.append(SourceFiles(d.replay.name, "replay", fmt, field(fmt, d.replay.text_field), found,
+                                   share=d.replay.share, where=("data", "replay")))
+        update["replay"] = d.replay.model_copy(update={"paths": paths})
+    return tuple(sources), update
 
 
 def _global_batch_sequences(recipe: Recipe, loaded: LoadedRecipe, world_size: int) -> tuple[int, str]:
@@ -113,8 +147,8 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
         raise _relocate(e, loaded.locate("hardware", "gpu")) from e
     world_size = hw.nodes * hw.gpus_per_node
 
-    data_paths = [_absolute(loaded, p, "data", "paths", i) for i, p in enumerate(recipe.data.paths)]
-    corpus = _corpus(data_paths, recipe.data.format, loaded)
+    sources, data_update = _sources(recipe, loaded)
+    corpus = tuple({f.path: f for s in sources for f in s.files}.values())
     tokenizer = recipe.data.tokenizer
     if tokenizer is None:
         tokenizer = str(source_path.resolve()) if source_path.exists() else source
@@ -134,7 +168,7 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
             "model": recipe.model.model_copy(
                 update={"source": str(source_path.resolve()) if source_path.exists() else source}
             ),
-            "data": recipe.data.model_copy(update={"paths": data_paths, "tokenizer": tokenizer, "prepared_dir": prepared}),
+            "data": recipe.data.model_copy(update={**data_update, "tokenizer": tokenizer, "prepared_dir": prepared}),
             "eval": recipe.eval.model_copy(update={"benchmarks": benchmarks, "general_text": general}),
             "output": output,
         }
@@ -153,13 +187,23 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
                         f"max_position_embeddings {arch.max_position_embeddings:,} ({how}); quality past it is "
                         "the recipe's responsibility")
     sequences, origin = _global_batch_sequences(recipe, loaded, world_size)
-    short = _corpus_short_of_a_step(recipe, sum(f.bytes for f in corpus), sequences)
-    if short and recipe.training.tokens is None:
-        raise DapcError(f"{short}; add data, or lower the global batch (training.global_batch_sequences) or "
-                        "data.seq_len", loaded.locate("data", "paths"))
-    if short:  # an explicit token budget: the plan sizes the run, but training needs a larger corpus
-        warnings.append(f"{loaded.locate('data', 'paths')}: {short}; the plan sizes training.tokens "
-                        f"{recipe.training.tokens:,}, but the runtime will not train until the corpus fills a step")
+    corpus_key = "paths" if recipe.data.paths else "sources"
+    if len(sources) == 1:
+        short = _corpus_short_of_a_step(recipe, sum(f.bytes for f in corpus), sequences)
+        if short and recipe.training.tokens is None:
+            raise DapcError(f"{short}; add data, or lower the global batch (training.global_batch_sequences) or "
+                            "data.seq_len", loaded.locate("data", corpus_key))
+        if short:  # an explicit token budget: the plan sizes the run, but training needs a larger corpus
+            warnings.append(f"{loaded.locate('data', corpus_key)}: {short}; the plan sizes training.tokens "
+                            f"{recipe.training.tokens:,}, but the runtime will not train until the corpus fills a step")
+    else:  # a mixture draws whole sequences from each source, epoch after epoch: each needs one
+        d = recipe.data
+        for source in sources:
+            held = int(source.bytes * d.tokens_per_byte * (1 - d.validation_fraction)) // d.seq_len
+            if held < 1:
+                warnings.append(f"{loaded.locate(*source.where)}: source {source.name} ({source.bytes:,} bytes) "
+                                f"holds about {held} training sequences of {d.seq_len:,} tokens; the runtime needs "
+                                "at least one from every source")
     return Spec(
         recipe=resolved,
         arch=arch,
@@ -169,6 +213,7 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
         device=device,
         world_size=world_size,
         corpus=corpus,
+        sources=sources,
         global_batch_sequences=sequences,
         global_batch_sequences_origin=origin,
         warnings=tuple(warnings),

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from runtime.prepare import load_manifest
 from runtime.prepare.sources import PrepareError
 
-__all__ = ["DistributedResumableSampler", "PackedDataset"]
+__all__ = ["DistributedResumableSampler", "MixtureDataset", "MixtureSampler", "PackedDataset"]
 
 
 class PackedDataset(Dataset):
@@ -164,3 +164,119 @@ class DistributedResumableSampler:
             raise ValueError(f"consumed_samples {consumed} is not a micro-step boundary of this sampler "
                              f"({self.step_samples} samples each) within [0, {self.num_samples}]")
         self.epoch, self.consumed_samples = int(state["epoch"]), int(consumed)
+
+
+class MixtureDataset(Dataset):
+    """Several sources' packed sequences as one index space: source s holds indices [offsets[s], offsets[s+1])."""
+
+    def __init__(self, sources: Sequence[PackedDataset]):
+        seq_lens = {d.seq_len for d in sources}
+        if len(seq_lens) != 1:
+            raise ValueError(f"sources packed at different seq_len: {sorted(seq_lens)}")
+        self.sources, self.seq_len = list(sources), seq_lens.pop()
+        self.offsets = np.cumsum([0, *(len(d) for d in sources)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def source_of(self, index: int) -> int:
+        """Which source global `index` belongs to."""
+        return int(np.searchsorted(self.offsets, index, side="right")) - 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        s = self.source_of(index)
+        return self.sources[s][index - int(self.offsets[s])]
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """Samples `indices` stacked: LongTensor [len(indices), seq_len]."""
+        if not len(indices):
+            return torch.empty(0, self.seq_len, dtype=torch.int64)
+        return torch.stack([self[int(i)] for i in indices])
+
+
+class MixtureSampler:
+    """Yields this rank's micro-batches (lists of indices into a `MixtureDataset`) forever, drawing each source's
+    sequences at its share of the stream.
+
+    The stream is one global sequence of positions, laid out over ranks and micro-steps exactly as
+    `DistributedResumableSampler` lays out its order, so it does not depend on the world size. Position p takes its
+    source by smooth weighted round robin over integer weights (each source's credit grows by its weight, the
+    largest credit is drawn and pays back the total; ties go to the earlier source): deterministic, and over any n
+    positions a source's count is within about one of n × share. A source's d-th draw is entry d mod N of
+    `permutation(seed, source, d // N)`, numpy's PCG64 seeded with SeedSequence([seed, source, epoch]): every
+    source runs through its own epochs. The state is the position, the credits and the draws: plain integers.
+    """
+
+    WEIGHT_SCALE = 1 << 20  # shares become integer weights at this resolution
+
+    def __init__(self, source_sizes: Sequence[int], shares: Sequence[float], rank: int, world_size: int, seed: int,
+                 micro_batch: int, global_batch: int):
+        if len(source_sizes) != len(shares) or not source_sizes:
+            raise ValueError("one share per source, at least one source")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
+        if global_batch % (world_size * micro_batch):
+            raise ValueError(f"global_batch {global_batch} is not a multiple of world_size {world_size} × "
+                             f"micro_batch {micro_batch}")
+        empty = [i for i, n in enumerate(source_sizes) if n < 1]
+        if empty:
+            raise ValueError(f"source {empty[0]} holds no training sequence")
+        self.sizes = [int(n) for n in source_sizes]
+        self.weights = [max(1, round(s * self.WEIGHT_SCALE)) for s in shares]
+        self.offsets = np.cumsum([0, *self.sizes])
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.micro_batch, self.global_batch = micro_batch, global_batch
+        self.position = 0
+        self.credits = [0] * len(self.sizes)
+        self.draws = [0] * len(self.sizes)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def step_samples(self) -> int:
+        """Samples one micro-step takes, all ranks together."""
+        return self.world_size * self.micro_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            block = [self._next_index() for _ in range(self.step_samples)]  # every rank walks the whole block
+            start = self.rank * self.micro_batch
+            yield block[start : start + self.micro_batch]
+
+    def _next_index(self) -> int:
+        total = sum(self.weights)
+        for s, w in enumerate(self.weights):
+            self.credits[s] += w
+        source = max(range(len(self.weights)), key=lambda s: (self.credits[s], -s))
+        self.credits[source] -= total
+        draw = self.draws[source]
+        self.draws[source] += 1
+        self.position += 1
+        epoch, entry = divmod(draw, self.sizes[source])
+        return int(self.offsets[source]) + int(self.permutation(source, epoch)[entry])
+
+    def permutation(self, source: int, epoch: int) -> np.ndarray:
+        """The order of `source`'s sequences in its `epoch`: a function of (seed, source, epoch) only."""
+        cached = self._orders.get(source)
+        if cached is None or cached[0] != epoch:
+            seeds = np.random.SeedSequence([self.seed % 2**64, source, epoch])
+            cached = (epoch, np.random.Generator(np.random.PCG64(seeds)).permutation(self.sizes[source]))
+            self._orders[source] = cached
+        return cached[1]
+
+    def state_dict(self) -> dict:
+        """The position in the stream, the credits and each source's draws, plus what it was built for."""
+        return {"kind": "mixture", "position": self.position, "credits": list(self.credits),
+                "draws": list(self.draws), "seed": self.seed, "sizes": list(self.sizes),
+                "weights": list(self.weights), "global_batch": self.global_batch, "world_size": self.world_size,
+                "micro_batch": self.micro_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from `state`, which may come from another world size or micro-batch (same global batch)."""
+        for key in ("seed", "sizes", "weights", "global_batch"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"sampler state was saved with {key} {state.get(key)}, this sampler has "
+                                 f"{getattr(self, key)}")
+        if state["position"] % self.step_samples:
+            raise ValueError(f"position {state['position']} is not a micro-step boundary of this sampler "
+                             f"({self.step_samples} samples each)")
+        self.position, self.credits, self.draws = int(state["position"]), list(state["credits"]), list(state["draws"])

@@ -43,13 +43,18 @@ def check_corpus_since_prepare(plan: Plan, rank: int) -> None:
     """Raises PrepareError when a corpus file changed since `prepare` wrote the plan's prepared data; does
     nothing when there is no prepared data yet (the trainer says so itself) or a file is not on this machine
     (the corpus may live elsewhere than the shards), which is printed as a warning."""
+    for source in plan.corpus.sources:
+        _check_source(source.prepared_dir, rank)
+
+
+def _check_source(prepared_dir: str, rank: int) -> None:
     try:
-        manifest = load_manifest(plan.paths.prepared_dir)
+        manifest = load_manifest(prepared_dir)
     except PrepareError:
         return
-    changed, missing = corpus_changes_since_prepare(plan.paths.prepared_dir, manifest)
+    changed, missing = corpus_changes_since_prepare(prepared_dir, manifest)
     if changed:
-        raise PrepareError(f"corpus file changed since prepare wrote {plan.paths.prepared_dir}"
+        raise PrepareError(f"corpus file changed since prepare wrote {prepared_dir}"
                            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}: the shards no "
                            "longer come from it; prepare again into a new prepared_dir", changed[0])
     if missing and rank == 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dapc.plan_schema import SCHEMA_VERSION
 from tests.conftest import REPO
 from tests.train_support import rehash, run_env
 
@@ -74,7 +75,7 @@ def test_every_runtime_entry_point_refuses_another_schema_version_with_the_loade
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        f"error: {path}: schema_version 1 is not supported (this dapc reads 3); compile the recipe again with this dapc"]
+        f"error: {path}: schema_version 1 is not supported (this dapc reads {SCHEMA_VERSION}); compile the recipe again with this dapc"]
 
 
 def test_an_edited_plan_is_refused_by_its_hash(tmp_path):

@@ -167,7 +167,9 @@ def test_a_corpus_short_of_one_optimizer_step_is_an_error_or_with_a_token_budget
     assert json.loads(result.stdout)["warnings"] == [
         f"{budget}:6:3: the corpus (1,000 bytes ≈ 0 training sequences of 4,096 tokens at 0.25 tokens/byte, less "
         "the 0.01 validation share) cannot fill one optimizer step of 256 sequences; the plan sizes training.tokens "
-        "1,000,000,000, but the runtime will not train until the corpus fills a step"]
+        "1,000,000,000, but the runtime will not train until the corpus fills a step",
+        "source corpus: 4,000,000.0 passes over its estimated 250 tokens; past about 4 repeated data adds little "
+        "(Muennighoff et al. 2023)"]
 
 
 def test_405b_qlora_planned_like_torchtunes_run_fits_at_or_below_its_measured_peak():

@@ -310,7 +310,7 @@ def _tiny_plan(tmp_path: Path, *overrides: str):
 def test_prepare_from_plan_reads_the_plans_files_data_settings_and_seed(tmp_path):
     plan = _tiny_plan(tmp_path, f"data.paths={json.dumps([str(NIST)])}", "training.seed=7",
                       f"data.prepared_dir={tmp_path / 'plan'}")
-    manifest = prepare_from_plan(plan, workers=1)
+    (manifest,) = prepare_from_plan(plan, workers=1)
     assert [f.path for f in manifest.files] == [f.path for f in plan.corpus.files]
     assert _shard_hashes(tmp_path / "plan") == _shard_hashes(
         Path(_prepare([NIST], tmp_path / "direct", seed=7, validation_fraction=0.1) and tmp_path / "direct")
@@ -333,7 +333,7 @@ def test_compiler_and_prepare_agree_on_the_corpus_files(tmp_path):
     plan = _tiny_plan(tmp_path, f"data.paths={json.dumps(paths)}", f"data.prepared_dir={tmp_path / 'out'}")
     assert [Path(f.path).name for f in plan.corpus.files] == ["a[1].txt", "b.md"]
     assert plan.cost.corpus_bytes == sum(f.bytes for f in plan.corpus.files) == plan.corpus.total_bytes
-    manifest = prepare_from_plan(plan, workers=1, progress=False)
+    (manifest,) = prepare_from_plan(plan, workers=1, progress=False)
     assert [f.path for f in manifest.files] == [f.path for f in plan.corpus.files]
 
 

@@ -1,5 +1,6 @@
-"""Selective activation checkpointing, measured: one process trains a small Llama off, selective and full; the
-measured peak (VmHWM) follows the plan within 15% and sits, as planned, between off and full."""
+"""Selective and every-k-layers activation checkpointing, measured: one process trains a small Llama off,
+selective, full on every second layer and full; the measured peak (VmHWM) follows the plan within 15% and each
+sits, as planned, between off and full."""
 
 from __future__ import annotations
 
@@ -26,23 +27,27 @@ def test_selective_checkpointing_sits_between_off_and_full_measured_and_planned(
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(CONFIG))
     measured, planned = {}, {}
-    for mode in ("off", "selective", "full"):
+    for mode, every in (("off", 1), ("selective", 1), ("full", 2), ("full", 1)):
+        name = mode if every == 1 else f"{mode}/{every}"
         plan_path = compile_plan(
-            tmp_path / mode, prepared_512, f"model.source={model_dir}", "strategy=ddp", "hardware.gpus_per_node=1",
+            tmp_path / name.replace("/", "-"), prepared_512, f"model.source={model_dir}", "strategy=ddp", "hardware.gpus_per_node=1",
             "data.seq_len=512", "training.micro_batch=8", "training.global_batch_sequences=8",
-            f"training.activation_checkpointing={mode}", "training.chunked_loss=true", "training.loss_chunk_tokens=256",
+            f"training.activation_checkpointing={mode}", f"training.checkpoint_every_layers={every}",
+            "training.chunked_loss=true", "training.loss_chunk_tokens=256",
             "training.max_steps=2", "checkpoint.export_hf=false", "eval.benchmarks=[]",
             # glibc's dynamic mmap threshold would keep freed blocks in the heap (dapc.memory's CPU baselines).
             'launch.env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}')
         plan = read_plan(plan_path)
-        assert plan["activation_checkpointing"] == mode
+        assert (plan["activation_checkpointing"], plan["activation_checkpointing_every_layers"]) == (mode, every)
         done = train(plan_path, nproc=1)
         assert done.returncode == 0, done.stderr[-3000:]
         (memory,) = records(plan_path, "memory")
-        measured[mode], planned[mode] = memory["measured_bytes"], plan["memory"]["per_gpu_bytes"]["total"]
-        print(f"\n{mode:>9}: measured {measured[mode] / MIB:,.0f} MiB, planned {planned[mode] / MIB:,.0f} MiB "
+        measured[name], planned[name] = memory["measured_bytes"], plan["memory"]["per_gpu_bytes"]["total"]
+        print(f"\n{name:>9}: measured {measured[name] / MIB:,.0f} MiB, planned {planned[name] / MIB:,.0f} MiB "
               f"({plan['memory']['formulas']['activations']})")
-        assert abs(measured[mode] / planned[mode] - 1) <= 0.15, (mode, measured[mode], planned[mode])
+        assert abs(measured[name] / planned[name] - 1) <= 0.15, (name, measured[name], planned[name])
     assert planned["off"] > planned["selective"] > planned["full"]
     assert measured["off"] > measured["selective"] > measured["full"]
     assert measured["off"] - measured["selective"] > 100 * MIB
+    assert planned["off"] > planned["full/2"] > planned["full"]
+    assert measured["off"] > measured["full/2"] > measured["full"]

@@ -76,13 +76,76 @@ class MethodSection(Section):
     double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
 
 
+DataFormat = Literal["text", "jsonl", "parquet"]
+
+
+class SourceSection(Section):
+    """One named part of the corpus and how much of the training stream it gets: `weight` (a share of what the
+    sources with a weight divide among them), `tokens` (that many tokens) or `epochs` (that many passes)."""
+
+    name: SafeName = Field(description="Names the source in the plan, the prepared data and the metrics.")
+    paths: list[str] = Field(min_length=1, description="Files, directories (read recursively) or globs, relative "
+                             "to the recipe file.")
+    format: DataFormat | None = Field(None, description="How its files are read; defaults to `data.format`.")
+    text_field: str | None = Field(None, min_length=1, description="The field holding the text (jsonl, parquet); "
+                                   "defaults to `data.text_field`.")
+    weight: float | None = Field(None, gt=0, description="Relative share of the tokens the weighted sources get "
+                                 "(the default, 1, when neither `tokens` nor `epochs` is set).")
+    tokens: int | None = Field(None, ge=1, description="Training tokens drawn from this source.")
+    epochs: float | None = Field(None, gt=0, le=1000, description="Passes over this source's estimated tokens.")
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "SourceSection":
+        given = [k for k in ("weight", "tokens", "epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set one of weight, tokens or epochs, not {' and '.join(given)}")
+        return self
+
+
+class ReplaySection(Section):
+    """General text mixed into the domain stream at a fixed share of all training tokens (Ibrahim et al. 2024,
+    arXiv 2403.08763: replay bounds forgetting in continued pretraining)."""
+
+    name: SafeName = Field("replay", description="Names the replay source.")
+    paths: list[str] = Field(min_length=1, description="General-text files, directories or globs.")
+    format: DataFormat | None = Field(None, description="How its files are read; defaults to `data.format`.")
+    text_field: str | None = Field(None, min_length=1, description="Defaults to `data.text_field`.")
+    share: float = Field(gt=0, lt=1, description="Share of all training tokens drawn from the replay text.")
+
+
+class DedupSection(Section):
+    exact: bool = Field(False, description="Drop a document whose normalized text (NFKC, lower case, whitespace "
+                        "collapsed) equals an earlier one's.")
+    near: bool = Field(False, description="Drop near-duplicates: MinHash LSH over word shingles (datasketch).")
+    near_threshold: float = Field(0.8, gt=0, lt=1, description="Estimated Jaccard similarity at which a document "
+                                  "is a near-duplicate of an earlier one.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_words: int = Field(5, ge=1, le=64, description="Words per shingle.")
+
+
+class DecontaminationSection(Section):
+    enabled: Literal["auto"] | bool = Field(
+        "auto", description="Drop documents that share word n-grams with the recipe's eval benchmarks (question "
+        "and options), listed in the manifest. `auto`: on when `eval.benchmarks` names any.")
+    ngram: int = Field(13, ge=3, le=64, description="Words per n-gram (13 as in GPT-3 and lm-evaluation-harness).")
+    min_matches: int = Field(1, ge=1, description="Distinct n-grams of one benchmark item a document must hold "
+                             "to count as contaminated.")
+
+
 class DataSection(Section):
     paths: list[str] = Field(
-        min_length=1,
-        description="Corpus files, directories (read recursively) or globs, relative to the recipe file.",
+        default_factory=list,
+        description="Corpus files, directories (read recursively) or globs, relative to the recipe file: one "
+        "source. Give `paths` or `sources`, not both.",
     )
-    format: Literal["text", "jsonl", "parquet"] = Field("text", description="How each corpus file is read.")
+    sources: list[SourceSection] = Field(
+        default_factory=list, description="Named corpus sources with their share of the training stream.")
+    replay: ReplaySection | None = Field(None, description="General text replayed at a fixed share of all tokens.")
+    format: DataFormat = Field("text", description="How each corpus file is read.")
     text_field: str = Field("text", min_length=1, description="The field holding the text (jsonl, parquet).")
+    dedup: DedupSection = Field(default_factory=DedupSection, description="Deduplication in `prepare` (off).")
+    decontamination: DecontaminationSection = Field(
+        default_factory=DecontaminationSection, description="Dropping documents that hold eval benchmark items.")
     tokenizer: str | None = Field(
         None, description="Tokenizer directory or HF id; defaults to the model source."
     )
@@ -100,6 +163,16 @@ class DataSection(Section):
     prepared_dir: str | None = Field(
         None, description="Where `prepare` writes the packed shards; defaults to <output>/data."
     )
+
+    @model_validator(mode="after")
+    def _paths_or_sources(self) -> "DataSection":
+        if bool(self.paths) == bool(self.sources):
+            raise ValueError("give the corpus as `paths` or as `sources`, exactly one of them")
+        names = [s.name for s in self.sources] + ([self.replay.name] if self.replay else [])
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"source name {twice[0]!r} is used twice")
+        return self
 
 
 class TrainingSection(Section):
@@ -120,6 +193,10 @@ class TrainingSection(Section):
         "(keeps every matmul's and attention's output, recomputes the cheap ops between them), `off`; true and "
         "false mean full and off. `auto` lets the planner pick.",
     )
+    checkpoint_every_layers: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="Under full checkpointing, checkpoint only every k-th decoder layer (the first of each "
+        "k); the others keep all their activations (torchtitan's per-layer mode): less recomputation for more "
+        "memory. `auto`: the planner tries 1, 2 and 4 when it picks the mode, else 1 (a pinned `full` is every layer).")
     fsdp_embedding_units: Literal["auto", "separate", "root"] = Field(
         "auto",
         description="FSDP2: give the embedding and the LM head units of their own, resharded after use "
@@ -142,8 +219,16 @@ class TrainingSection(Section):
     optimizer: Literal["adamw", "adamw-8bit"] = Field("adamw", description="AdamW, or bitsandbytes 8-bit AdamW.")
     lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of `lr`.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    schedule: Literal["cosine", "linear", "constant", "wsd", "constant-with-cooldown"] = Field(
+        "cosine", description="After warmup: cosine or linear decay to the floor over the remaining steps; "
+        "constant; `wsd` (warmup-stable-decay: constant, then a linear decay over the last `decay_fraction` of "
+        "steps); `constant-with-cooldown` (the same with a 1-sqrt cooldown, Hägele et al. 2024).")
     warmup_fraction: float = Field(0.01, ge=0, lt=1, description="Share of steps spent warming up.")
+    warmup_start_lr: float = Field(
+        0.0, ge=0, lt=1, description="Learning rate the warmup starts from: 0, or re-warming from the pretrained "
+        "model's final learning rate (Ibrahim et al. 2024).")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd / constant-with-cooldown: share of steps spent "
+                                  "decaying at the end.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decoupled weight decay.")
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
@@ -163,6 +248,11 @@ class TrainingSection(Section):
     def _one_batch_size(self) -> "TrainingSection":
         if self.global_batch_tokens is not None and self.global_batch_sequences is not None:
             raise ValueError("set global_batch_tokens or global_batch_sequences, not both")
+        if self.warmup_start_lr >= self.lr:
+            raise ValueError(f"warmup_start_lr {self.warmup_start_lr:g} must be below the peak lr {self.lr:g}")
+        if self.schedule in ("wsd", "constant-with-cooldown") and self.warmup_fraction + self.decay_fraction > 1:
+            raise ValueError(f"warmup_fraction {self.warmup_fraction:g} + decay_fraction {self.decay_fraction:g} "
+                             "exceed the whole run")
         if self.weights_dtype == "bf16" and self.precision != "bf16":
             raise ValueError(f"weights_dtype bf16 (pure bf16 training) needs precision bf16, not {self.precision}")
         return self

@@ -22,17 +22,20 @@ BASE_DIR_NAME = "base-model"
 MERGED_DIR_NAME = "adapted-model"
 
 
-def _validation_windows(prepared_dir: Path):
-    """Returns a function giving the held-out domain sequences as token-id lists, or None when there are none."""
+def _validation_windows(prepared_dirs: list[str]):
+    """Returns a function giving the held-out sequences of these prepared directories as token-id lists, or None
+    when there are none."""
     from runtime.data import PackedDataset
 
-    try:
-        dataset = PackedDataset(prepared_dir, split="validation")
-    except (DapcError, FileNotFoundError):
+    datasets = []
+    for prepared_dir in prepared_dirs:
+        try:
+            datasets.append(PackedDataset(prepared_dir, split="validation"))
+        except (DapcError, FileNotFoundError):
+            continue
+    if not any(len(d) for d in datasets):
         return None
-    if len(dataset) == 0:
-        return None
-    return lambda: [dataset[i].tolist() for i in range(len(dataset))]
+    return lambda: [d[i].tolist() for d in datasets for i in range(len(d))]
 
 
 def _save_with_tokenizer(model: Any, tokenizer_spec: str, target: Path) -> Path:
@@ -88,7 +91,7 @@ def evaluate_from_plan(plan_path: str | Path, device: str | None = None) -> Eval
         eval_dir,
         compare_to=_base_model_dir(train_plan, eval_dir),
         general_text=list(settings.general_text) or None,
-        domain_text=_validation_windows(Path(paths.prepared_dir)),
+        domain_text=_validation_windows([s.prepared_dir for s in plan.corpus.sources if s.role == "domain"]),
         mode=settings.mode,
         k_shot=settings.k_shot,
         limit=settings.limit,

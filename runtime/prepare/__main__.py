@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = load_plan(args.plan)
         warn_environment(plan, rank=0)
-        manifest = prepare_from_plan(plan, workers=args.workers, console=console,
-                                     progress=not args.no_progress)
+        manifests = prepare_from_plan(plan, workers=args.workers, console=console,
+                                      progress=not args.no_progress)
     except DapcError as e:
         return print_error(e)
     if args.json:
-        print(json.dumps(manifest.to_dict(), indent=1, sort_keys=True))
+        named = {s.name: m.to_dict() for s, m in zip(plan.corpus.sources, manifests, strict=True)}
+        print(json.dumps(named if len(named) > 1 else next(iter(named.values())), indent=1, sort_keys=True))
     return 0
 
 

@@ -3,6 +3,9 @@
 Split rule: a document goes to validation when blake2b(sha256(document bytes), key=seed) read as a
 fraction of 2**64 is below `validation_fraction`. The document's identity is its content (for a text file,
 the file's sha256), so the rule ignores order and worker count, and duplicate documents share a split.
+
+With filters on, the worker also signs each document (`filters.sign_documents`) and returns its tokens
+without EOS; the main process decides which are kept and joins those with EOS (`keep_pieces`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import PrepareError, Unit, read_documents
+from .filters import Piece, SignSettings, sign_documents
+from .sources import Document, PrepareError, Unit, read_documents
 from .word_cache import word_cache_encoder
 
 SPLITS = ("train", "validation")
@@ -40,6 +44,7 @@ class EncodeSettings:
     eos_token_id: int
     dtype: str  # of the shards: "uint16" or "uint32"
     tokenizer: TokenizerSource
+    filters: SignSettings | None = None
 
 
 @dataclass
@@ -50,6 +55,7 @@ class UnitResult:
     documents: dict[str, int]
     words: dict[str, int]
     content_tokens: dict[str, int]  # EOS not counted
+    pieces: list[Piece] | None = None  # with filters: per document, its signatures; `tokens` then hold no EOS
 
 
 def tokenizer_source(tokenizer, directory: str, scratch: Path) -> TokenizerSource:
@@ -119,23 +125,77 @@ def is_validation(identity: bytes, seed: int, fraction: float) -> bool:
     return value < fraction * 2**64
 
 
+def _split_of(doc: Document, settings: EncodeSettings) -> str:
+    identity = doc.identity if doc.identity is not None else hashlib.sha256(doc.text.encode("utf-8")).digest()
+    return "validation" if is_validation(identity, settings.seed, settings.validation_fraction) else "train"
+
+
 def encode_unit(unit: Unit, settings: EncodeSettings) -> UnitResult:
-    """Returns the unit's tokens per split, in the shard dtype (half the bytes to pickle for a 32k vocabulary)."""
+    """Returns the unit's tokens per split, in the shard dtype (half the bytes to pickle for a 32k vocabulary).
+    With filters, the tokens of the documents not contaminated, without EOS, and the pieces (`keep_pieces`)."""
     docs = read_documents(unit, settings.fmt, settings.text_field)
+    if settings.filters is not None:
+        return _encode_signed(unit, docs, settings)
     ids = _encoder_for(settings.tokenizer)([d.text for d in docs]) if docs else []
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     documents, words, content = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     eos = np.array([settings.eos_token_id], dtype=np.uint32)
     for doc, tokens in zip(docs, ids, strict=True):
-        identity = doc.identity if doc.identity is not None else hashlib.sha256(doc.text.encode("utf-8")).digest()
-        split = "validation" if is_validation(identity, settings.seed, settings.validation_fraction) else "train"
+        split = _split_of(doc, settings)
         parts[split].append(tokens)
         words[split] += len(doc.text.split())
         content[split] += len(tokens)
         if doc.ends_document:
             parts[split].append(eos)
             documents[split] += 1
-    bound = int(np.iinfo(settings.dtype).max) + 1
+    return UnitResult(unit.index, unit.input_bytes, _arrays(parts, settings.dtype, unit), documents, words, content)
+
+
+def _encode_signed(unit: Unit, docs: list[Document], settings: EncodeSettings) -> UnitResult:
+    pieces = sign_documents(docs, settings.filters)
+    clean = [d for d, p in zip(docs, pieces) if p.contaminated is None]
+    ids = iter(_encoder_for(settings.tokenizer)([d.text for d in clean]) if clean else [])
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for doc, piece in zip(docs, pieces):
+        piece.split = _split_of(doc, settings)
+        if piece.contaminated is None:
+            tokens = next(ids)
+            parts[piece.split].append(tokens)
+            piece.words, piece.content_tokens = len(doc.text.split()), len(tokens)
+    zeros = dict.fromkeys(SPLITS, 0)
+    return UnitResult(unit.index, unit.input_bytes, _arrays(parts, settings.dtype, unit), zeros, zeros, zeros, pieces)
+
+
+def sign_unit(unit: Unit, settings: EncodeSettings) -> UnitResult:
+    """Returns the unit's pieces, not tokenized: what resuming needs to decide the units done again."""
+    pieces = sign_documents(read_documents(unit, settings.fmt, settings.text_field), settings.filters)
+    zeros = dict.fromkeys(SPLITS, 0)
+    return UnitResult(unit.index, unit.input_bytes, {}, zeros, zeros, zeros, pieces)
+
+
+def keep_pieces(result: UnitResult, decisions: list[tuple[bool, bool]], eos_token_id: int) -> UnitResult:
+    """Returns `result` (from `encode_unit` with filters) as the unfiltered encoder would have made it from the
+    pieces kept: their tokens joined by EOS where `decisions` (`FilterState.decide`) end a document."""
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    documents, words, content = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    start = dict.fromkeys(SPLITS, 0)
+    for piece, (keep, ends) in zip(result.pieces, decisions, strict=True):
+        split, tokens = piece.split, result.tokens[piece.split]
+        if keep:
+            parts[split].append(tokens[start[split] : start[split] + piece.content_tokens])
+            words[split] += piece.words
+            content[split] += piece.content_tokens
+        start[split] += piece.content_tokens
+        if ends:
+            parts[split].append(np.array([eos_token_id], dtype=tokens.dtype))
+            documents[split] += 1
+    arrays = {s: np.concatenate(parts[s]) if parts[s] else result.tokens[s][:0] for s in SPLITS}
+    return UnitResult(result.index, result.input_bytes, arrays, documents, words, content)
+
+
+def _arrays(parts: dict[str, list[np.ndarray]], dtype: str, unit: Unit) -> dict[str, np.ndarray]:
+    """Returns each split's parts joined, in the shard dtype; a PrepareError for an id the dtype cannot hold."""
+    bound = int(np.iinfo(dtype).max) + 1
     arrays = {}
     for split in SPLITS:
         joined = np.concatenate(parts[split]) if parts[split] else np.zeros(0, dtype=np.uint32)
@@ -143,5 +203,5 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> UnitResult:
             raise PrepareError(
                 f"token id {int(joined.max())} does not fit the shard dtype (ids < {bound})", unit.segments[0].path
             )
-        arrays[split] = joined.astype(settings.dtype)
-    return UnitResult(unit.index, unit.input_bytes, arrays, documents, words, content)
+        arrays[split] = joined.astype(dtype)
+    return arrays

@@ -41,6 +41,21 @@ class SplitStats:
 
 
 @dataclass(frozen=True)
+class FilterStats:
+    """What the document filters (`filters`) did: their settings (in the fingerprint), the counts, and each
+    dropped document: {"where": {"path", and "byte", "line" or "row"}, "reason", and the benchmark item it
+    matched or the "original" it duplicates}."""
+
+    settings: dict
+    documents_seen: int = 0
+    documents_kept: int = 0
+    contaminated: int = 0
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    dropped: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     fingerprint: str  # sha256 of inputs and every setting that changes the shards; a rerun must match it
@@ -56,6 +71,7 @@ class Manifest:
     packing: dict  # how documents became sequences: separator, bos, remainder, shard_sequences, unit_bytes
     splits: dict[str, SplitStats]
     shards: list[ShardInfo] = field(default_factory=list)  # the index: shard files in sample order per split
+    filters: FilterStats | None = None  # None: no filter was on (and the manifest has no "filters")
 
     @property
     def words(self) -> int:
@@ -74,6 +90,8 @@ class Manifest:
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        if self.filters is None:
+            del out["filters"]  # a preparation without filters keeps the bytes it had before they existed
         out["corpus"] = {
             "files": len(self.files),
             "bytes": sum(f.bytes for f in self.files),
@@ -98,6 +116,7 @@ class Manifest:
                 "files": [InputFile(**f) for f in data["files"]],
                 "splits": {k: SplitStats(**v) for k, v in data["splits"].items()},
                 "shards": [ShardInfo(**s) for s in data["shards"]],
+                "filters": FilterStats(**data["filters"]) if data.get("filters") is not None else None,
             }
         )
 

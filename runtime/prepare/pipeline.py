@@ -10,6 +10,9 @@ text) plus one carried partial sequence per split; shards go straight to disk.
 Resuming: after a unit that committed a shard, and at least every few seconds, the writers' state and the
 next unit number are recorded atomically in `progress.json`. A rerun with the same fingerprint (inputs and
 settings) skips the units already done and continues; the output is byte-identical to an uninterrupted run.
+
+Filters (`filters`: decontamination, deduplication): the workers sign documents, this process decides in unit
+order and joins the kept ones; on resuming it rebuilds the decisions from the units done (`FilterState`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +37,29 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from dapc.corpus import FORMATS, CorpusError, resolve_corpus
 from runtime.tokenizer import load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
 
-from .encode import SPLIT_RULE, SPLITS, EncodeSettings, UnitResult, encode_unit, tokenizer_source
+from .encode import (
+    SPLIT_RULE,
+    SPLITS,
+    EncodeSettings,
+    UnitResult,
+    encode_unit,
+    keep_pieces,
+    sign_unit,
+    tokenizer_source,
+)
+from .filters import (
+    DecontaminationSettings,
+    DedupSettings,
+    FilterState,
+    SignSettings,
+    ngram_index,
+    settings_record,
+    write_ngram_index,
+)
 from .manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    FilterStats,
     Manifest,
     SplitStats,
     TokenizerInfo,
@@ -70,12 +93,16 @@ def prepare_corpus(
     console: Console | None = None,
     progress: bool = True,
     locked_sha256: dict[str, str] | None = None,
+    dedup: DedupSettings | None = None,
+    decontamination: DecontaminationSettings | None = None,
 ) -> Manifest:
     """Tokenize, split, pack and shard a corpus into `prepared_dir`; resumes an interrupted run; returns the manifest.
 
     `workers` defaults to the CPU count (1 tokenizes in this process). `shard_sequences` defaults to 256 MiB per
     shard. Neither the worker count nor the console changes the output; every other argument does. With
     `locked_sha256` ({path: sha256}, the plan's lock), a file whose bytes differ from the lock is refused.
+    `decontamination` drops documents that hold benchmark items, then `dedup` drops duplicates of earlier kept
+    documents (`filters`); the manifest's `filters` lists what was dropped and why.
     """
     _check_settings(data_format, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences)
     try:
@@ -91,7 +118,10 @@ def prepare_corpus(
         dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
         shard_sequences = shard_sequences or max(1, DEFAULT_SHARD_BYTES // (seq_len * np.dtype(dtype).itemsize))
         source = tokenizer_source(tok, str(resolve_tokenizer_dir(tokenizer)), Path(scratch))
-        settings = EncodeSettings(data_format, text_field, seed, validation_fraction, tok.eos_token_id, dtype, source)
+        signing = _sign_settings(dedup, decontamination, Path(scratch))
+        settings = EncodeSettings(
+            data_format, text_field, seed, validation_fraction, tok.eos_token_id, dtype, source, signing
+        )
         tok_info = TokenizerInfo(tokenizer, tokenizer_sha256(tokenizer), vocab_size, tok.eos_token_id)
         out = Path(prepared_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -112,24 +142,47 @@ def prepare_corpus(
                 split_rule=SPLIT_RULE,
                 packing=_packing(shard_sequences, unit_bytes),
                 splits={},
+                filters=FilterStats(settings_record(dedup, decontamination)) if signing is not None else None,
             )
-            return _tokenize(out, base, settings, pool, unit_bytes, console, progress, started)
+            filters = partial(FilterState, dedup, decontamination, data_format, inputs) if signing is not None else None
+            return _tokenize(out, base, settings, filters, pool, unit_bytes, console, progress, started)
 
 
-def _tokenize(out: Path, base: Manifest, settings: EncodeSettings, pool: Workers, unit_bytes: int,
-              console: Console | None, progress: bool, started: float) -> Manifest:
+def _sign_settings(dedup: DedupSettings | None, decontamination: DecontaminationSettings | None,
+                   scratch: Path) -> SignSettings | None:
+    """Returns what the workers need to sign documents, the n-gram index written to `scratch`; None: no filters."""
+    if dedup is None and decontamination is None:
+        return None
+    if decontamination is None:
+        return SignSettings(dedup)
+    index = write_ngram_index(ngram_index(decontamination), scratch)
+    return SignSettings(dedup, decontamination.min_matches, index)
+
+
+def _fingerprint(base: Manifest) -> str:
+    """Returns the sha256 of the inputs and settings: the manifest less what preparing found."""
+    data = {k: v for k, v in base.to_dict().items() if k not in ("corpus", "splits", "shards")}
+    if "filters" in data:
+        data["filters"] = data["filters"]["settings"]
+    return _sha256_json(data)
+
+
+def _tokenize(out: Path, base: Manifest, settings: EncodeSettings, filters: Callable[[], FilterState] | None,
+              pool: Workers, unit_bytes: int, console: Console | None, progress: bool, started: float) -> Manifest:
     """Encodes, packs and shards the units not done yet into `out`; returns the manifest (the finished one, if
-    `out` already holds this preparation)."""
-    fingerprint = _sha256_json({k: v for k, v in base.to_dict().items() if k not in ("corpus", "splits", "shards")})
+    `out` already holds this preparation). `filters` makes a fresh FilterState; None: no filters."""
+    fingerprint = _fingerprint(base)
     done = _finished(out, fingerprint)
     if done is not None:
         _say(console, f"{escape(str(out))} already holds this preparation (fingerprint {fingerprint[:12]})")
         _report(console, out, done, None)
         return done
-    run = _Run(out, base.seq_len, base.dtype, base.packing["shard_sequences"], fingerprint, console)
+    run = _Run(out, base.seq_len, base.dtype, base.packing["shard_sequences"], fingerprint, console, filters,
+               settings.eos_token_id)
     try:
-        run.restore()
-        units = plan_units(base.files, base.data_format, base.text_field, unit_bytes)
+        plan = partial(plan_units, base.files, base.data_format, base.text_field, unit_bytes)
+        run.restore(lambda done: pool.ordered(sign_unit, itertools.islice(plan(), done), settings))
+        units = plan()
         with _progress_bar(console, progress, sum(f.bytes for f in base.files), run.input_bytes_done) as advance:
             for result in pool.ordered(encode_unit, itertools.islice(units, run.next_unit, None), settings):
                 run.add(result)
@@ -151,21 +204,26 @@ def _check_locked(inputs: list[InputFile], locked_sha256: dict[str, str] | None)
 
 
 class _Run:
-    """The mutable state of one preparation: writers, counters, position, and the progress record."""
+    """The mutable state of one preparation: writers, counters, filters, position, and the progress record."""
 
-    def __init__(self, out: Path, seq_len: int, dtype: str, shard_sequences: int, fingerprint: str, console):
+    def __init__(self, out: Path, seq_len: int, dtype: str, shard_sequences: int, fingerprint: str, console,
+                 new_filters: Callable[[], FilterState] | None = None, eos_token_id: int = 0):
         self.out, self.seq_len, self.dtype, self.shard_sequences = out, seq_len, dtype, shard_sequences
         self.fingerprint, self.console = fingerprint, console
         self.next_unit = self.input_bytes_done = self.tokens_this_run = 0
         self.counters = {s: dict.fromkeys(_COUNTERS, 0) for s in SPLITS}
         self.writers: dict[str, SplitWriter] = {}
+        self.new_filters, self.eos_token_id = new_filters, eos_token_id
+        self.filters = new_filters() if new_filters is not None else None
         self._last_checkpoint = time.monotonic()
 
     @property
     def totals(self) -> dict[str, int]:
         return {k: sum(c[k] for c in self.counters.values()) for k in _COUNTERS}
 
-    def restore(self) -> None:
+    def restore(self, signed: Callable[[int], Iterable[UnitResult]]) -> None:
+        """Continues from progress.json where it matches the files, else starts over; `signed(n)` gives the
+        first n units signed, from which the filters' state is rebuilt (`FilterState`)."""
         path = self.out / PROGRESS_NAME
         try:
             record = json.loads(path.read_text()) if path.is_file() else None
@@ -185,6 +243,11 @@ class _Run:
                     )
                 self.next_unit, self.input_bytes_done = record["next_unit"], record["input_bytes_done"]
                 self.counters = record["counters"]
+                if self.filters is not None:
+                    _say(self.console, f"rebuilding the filters' state from the {self.next_unit:,} work units done")
+                    for result in signed(self.next_unit):
+                        self.filters.decide(result.pieces)
+                    self.filters.check(record["filters"])
                 _say(
                     self.console,
                     f"resuming at work unit {self.next_unit:,} ({self.input_bytes_done:,} input bytes done)",
@@ -193,6 +256,7 @@ class _Run:
             except (ResumeMismatch, KeyError, TypeError, ValueError) as e:
                 self.close()
                 self.writers = {}
+                self.filters = self.new_filters() if self.new_filters is not None else None
                 _say(self.console, f"progress.json does not match the files ({e}); starting over")
         _remove_outputs(self.out)
         self.writers = {s: SplitWriter(self.out, s, self.seq_len, self.dtype, self.shard_sequences) for s in SPLITS}
@@ -200,6 +264,8 @@ class _Run:
     def add(self, result: UnitResult) -> None:
         if result.index != self.next_unit:
             raise RuntimeError(f"work unit {result.index} arrived where {self.next_unit} was due")
+        if self.filters is not None:
+            result = keep_pieces(result, self.filters.decide(result.pieces), self.eos_token_id)
         commits = 0
         for split in SPLITS:
             commits += self.writers[split].add(result.tokens[split])
@@ -223,6 +289,8 @@ class _Run:
             "counters": self.counters,
             "splits": {s: w.state() for s, w in self.writers.items()},
         }
+        if self.filters is not None:
+            record["filters"] = self.filters.counts()
         write_json_atomic(self.out / PROGRESS_NAME, record)
         self._last_checkpoint = time.monotonic()
 
@@ -241,7 +309,9 @@ class _Run:
                 dropped_tokens=dropped,
             )
         shards = [info for split in SPLITS for info in self.writers[split].committed]
-        manifest = Manifest(**{**base.__dict__, "fingerprint": fingerprint, "splits": splits, "shards": shards})
+        filters = self.filters.stats(base.filters.settings) if self.filters is not None else None
+        manifest = Manifest(**{**base.__dict__, "fingerprint": fingerprint, "splits": splits, "shards": shards,
+                               "filters": filters})
         manifest.write(self.out)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
         return manifest
@@ -348,6 +418,14 @@ def _report(console: Console | None, out: Path, m: Manifest, timing: tuple[float
             console,
             f"{split}: {s.documents:,} documents, {s.tokens:,} tokens with EOS → {s.sequences:,} sequences of {m.seq_len:,} "
             f"tokens in {shards} shard{'s' if shards != 1 else ''} ({s.dropped_tokens:,} remainder tokens dropped)",
+        )
+    if m.filters is not None:
+        f = m.filters
+        _say(
+            console,
+            f"filters: {f.documents_seen:,} documents seen, {f.documents_kept:,} kept; dropped {f.contaminated:,} "
+            f"contaminated, {f.exact_duplicates:,} exact and {f.near_duplicates:,} near duplicates (listed in the "
+            "manifest)",
         )
     if timing is not None:
         seconds, tokens = timing

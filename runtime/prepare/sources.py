@@ -64,6 +64,8 @@ class Document:
     text: str
     identity: bytes | None  # None: the sha256 of the text
     ends_document: bool
+    path: str
+    offset: int  # where it starts: the byte offset in its file (text, jsonl) or the row index (parquet)
 
 
 def hash_file(path: str) -> InputFile:
@@ -101,7 +103,8 @@ def read_documents(unit: Unit, fmt: str, text_field: str | None) -> list[Documen
     docs: list[Document] = []
     for seg in unit.segments:
         if fmt == "text":
-            docs.append(Document(_read_text(seg), bytes.fromhex(seg.doc_sha256), seg.ends_document))
+            identity = bytes.fromhex(seg.doc_sha256)
+            docs.append(Document(_read_text(seg), identity, seg.ends_document, seg.path, seg.start))
         elif fmt == "jsonl":
             docs.extend(_read_jsonl(seg, text_field))
         else:
@@ -161,15 +164,22 @@ def _read_text(seg: Segment) -> str:
 
 def _line_number(path: str, offset: int) -> int:
     """1-based line of byte `offset`; only on the error path, so it may read the file again."""
-    count = 0
+    return line_numbers(path, [offset])[offset]
+
+
+def line_numbers(path: str, offsets: Sequence[int]) -> dict[int, int]:
+    """Returns {offset: 1-based line of byte offset} for `offsets`, in one pass over the file's first bytes."""
+    lines, count, read = {}, 0, 0
     with open(path, "rb") as f:
-        while offset > 0:
-            block = f.read(min(offset, 1 << 20))
-            if not block:
-                break
-            count += block.count(b"\n")
-            offset -= len(block)
-    return count + 1
+        for offset in sorted(set(offsets)):
+            while read < offset:
+                block = f.read(min(offset - read, 1 << 20))
+                if not block:
+                    break
+                count += block.count(b"\n")
+                read += len(block)
+            lines[offset] = count + 1
+    return lines
 
 
 def _read_jsonl(seg: Segment, text_field: str | None) -> Iterator[Document]:
@@ -200,7 +210,7 @@ def _read_jsonl(seg: Segment, text_field: str | None) -> Iterator[Document]:
                 raise PrepareError(f"no field {text_field!r} (fields: {fields})", where)
             raise PrepareError(f"field {text_field!r} is {type(text).__name__}, expected a string", where)
         if text:
-            yield Document(text, None, True)
+            yield Document(text, None, True, seg.path, offset)
 
 
 def _parquet_units(files: Sequence[InputFile], text_field: str | None) -> Iterator[Unit]:
@@ -236,4 +246,4 @@ def _read_parquet(seg: Segment, text_field: str | None) -> Iterator[Document]:
         if text is None:
             raise PrepareError(f"row {seg.first_row + n}: {text_field!r} is null", seg.path)
         if text:
-            yield Document(text, None, True)
+            yield Document(text, None, True, seg.path, seg.first_row + n)

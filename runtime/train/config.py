@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dapc.plan_schema import Plan, PlanError, Tracking
+from dapc.plan_schema import Plan, PlanError, Schedule, Tracking
 from dapc.plan_schema import load_plan as load_typed_plan
 
-__all__ = ["FsdpSettings", "LoraSettings", "PlanError", "Tracking", "TrainPlan", "load_plan", "train_plan"]
+__all__ = ["FsdpSettings", "LoraSettings", "PlanError", "SourceData", "Tracking", "TrainPlan", "load_plan", "train_plan"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,13 @@ class FsdpSettings:
     cpu_offload: bool
     separate_embedding_units: bool  # embedding and LM head as FSDP2 units of their own
     sync_every_micro_batch: bool  # reduce-scatter each micro-batch (no unsharded gradient accumulation)
+
+
+@dataclass(frozen=True)
+class SourceData:
+    name: str
+    prepared_dir: str
+    share: float  # of the training stream's sequences
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class TrainPlan:
     min_lr: float
     schedule: str
     warmup_steps: int
+    lr_schedule: Schedule  # plan.json `schedule` as is: dapc.schedule.lr_at reads it
     weight_decay: float
     adam_beta1: float
     adam_beta2: float
@@ -79,6 +87,7 @@ class TrainPlan:
     global_batch_sequences: int
     world_size: int
     activation_checkpointing: str  # off | selective | full (runtime/train/checkpointing.py)
+    checkpoint_every_layers: int  # full: every k-th decoder layer is checkpointed
     loss_chunk_tokens: int  # 0: the plain loss; else positions per chunk of the chunked loss (runtime/train/loss.py)
     compile_layers: bool  # torch.compile each decoder layer
     steps: int
@@ -97,6 +106,7 @@ class TrainPlan:
     merge_lora: bool
     output_dir: str
     prepared_dir: str
+    sources: tuple[SourceData, ...]  # plan.json corpus.sources: where each was prepared, its share
     checkpoint_dir: str
     export_dir: str
     metrics_path: str
@@ -139,6 +149,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         min_lr=plan.schedule.min_lr,
         schedule=plan.schedule.kind,
         warmup_steps=plan.schedule.warmup_steps,
+        lr_schedule=plan.schedule,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
@@ -154,6 +165,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         global_batch_sequences=b.global_batch_sequences,
         world_size=b.world_size,
         activation_checkpointing=plan.activation_checkpointing,
+        checkpoint_every_layers=plan.activation_checkpointing_every_layers,
         loss_chunk_tokens=plan.loss.chunk_tokens,
         compile_layers=plan.torch_compile.enabled,
         steps=plan.cost.steps,
@@ -172,6 +184,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         merge_lora=r.checkpoint.merge_lora,
         output_dir=plan.paths.output_dir,
         prepared_dir=plan.paths.prepared_dir,
+        sources=tuple(SourceData(s.name, s.prepared_dir, s.share) for s in plan.corpus.sources),
         checkpoint_dir=plan.paths.checkpoint_dir,
         export_dir=plan.paths.export_dir,
         metrics_path=plan.paths.metrics_path,

@@ -27,7 +27,7 @@ from runtime.checkpoint import (
     save_checkpoint,
     trainer_state_path,
 )
-from runtime.data import DistributedResumableSampler, PackedDataset
+from runtime.data import DistributedResumableSampler, MixtureDataset, MixtureSampler, PackedDataset
 
 from .config import PlanError, TrainPlan
 from .distributed import Distributed, init_distributed, shutdown_distributed
@@ -39,6 +39,8 @@ from .nf4 import NF4Linear
 from .optim import lr_at
 from .resume import Resume, check_resumable, trainer_state
 from .tracking import Tracker, check_installed
+
+Sampler = DistributedResumableSampler | MixtureSampler
 
 __all__ = ["train"]
 
@@ -74,8 +76,7 @@ def train(plan: TrainPlan) -> None:
 def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None) -> tuple[Path, bool]:
     """Trains from the checkpoint (or step 0) to `cost.steps`, or until a stop is requested; returns the last
     checkpoint's folder and whether training finished."""
-    dataset = PackedDataset(plan.prepared_dir, split="train")
-    sampler = _sampler(plan, d, dataset)
+    dataset, sampler = _data(plan, d)
     if plan.backend == "deepspeed":
         init_deepspeed_distributed(d.timeout)
     model = build_model(plan, d.device)
@@ -92,7 +93,7 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
             f"{plan.global_batch_sequences * plan.seq_len:,} tokens"
             + (f", {resume.describe(d.world_size)} after step {step}" if resume else ""))
     final = None if resume is None else resume.folder
-    batches = _batches(dataset, sampler)
+    batches = _batches(dataset, sampler, d.device)
     tokens_per_step = plan.global_batch_sequences * plan.seq_len
     mark, steps_since_log = time.perf_counter(), 0
     while step < plan.steps:
@@ -106,7 +107,8 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
                      tokens=step * tokens_per_step, tokens_per_second=tokens_per_second,
                      step_seconds=seconds / steps_since_log,
                      mfu=mfu(tokens_per_second, plan.flops_per_token, d.world_size, plan.device_peak_flops),
-                     peak_memory_bytes=_max_over_ranks(memory_probe.peak_bytes(plan.memory_counter), d))
+                     peak_memory_bytes=_max_over_ranks(memory_probe.peak_bytes(plan.memory_counter), d),
+                     **_source_sequences(plan, sampler))
             mark, steps_since_log = now, 0  # logging counts in the next interval: it is part of training's time
         stop = step < plan.steps and _stop_requested(plan, d)
         if stop or step % plan.checkpoint_every_steps == 0 or step == plan.steps:
@@ -125,19 +127,39 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
     return final, step == plan.steps
 
 
-def _sampler(plan: TrainPlan, d: Distributed, dataset: PackedDataset) -> DistributedResumableSampler:
-    if dataset.seq_len != plan.seq_len:
-        raise PlanError(f"prepared data in {plan.prepared_dir} has seq_len {dataset.seq_len}, the plan's batch.seq_len "
-                        f"is {plan.seq_len}; prepare again with this plan", plan.path)
+def _data(plan: TrainPlan, d: Distributed) -> tuple[PackedDataset | MixtureDataset, Sampler]:
+    """The training sequences and this rank's sampler: one source's order, or the mixture of several at the
+    plan's shares."""
+    datasets = [PackedDataset(s.prepared_dir, split="train") for s in plan.sources]
+    for source, dataset in zip(plan.sources, datasets, strict=True):
+        if dataset.seq_len != plan.seq_len:
+            raise PlanError(f"prepared data in {source.prepared_dir} has seq_len {dataset.seq_len}, the plan's "
+                            f"batch.seq_len is {plan.seq_len}; prepare again with this plan", plan.path)
+        if len(plan.sources) > 1 and len(dataset) == 0:
+            raise PlanError(f"source {source.name} has no training sequence in {source.prepared_dir}; give it more "
+                            "text or drop it", plan.path)
+    if len(datasets) > 1:
+        mixture = MixtureDataset(datasets)
+        return mixture, MixtureSampler([len(x) for x in datasets], [s.share for s in plan.sources], d.rank,
+                                       d.world_size, plan.seed, plan.micro_batch, plan.global_batch_sequences)
+    (dataset,), (source,) = datasets, plan.sources
     if len(dataset) < plan.global_batch_sequences:
-        raise PlanError(f"prepared data in {plan.prepared_dir} has {len(dataset)} training sequences, fewer than one "
-                        f"optimizer step takes ({plan.global_batch_sequences}); add data, or lower "
+        raise PlanError(f"prepared data in {source.prepared_dir} has {len(dataset)} training sequences, "
+                        f"fewer than one optimizer step takes ({plan.global_batch_sequences}); add data, or lower "
                         "training.global_batch_sequences", plan.path)
-    return DistributedResumableSampler(len(dataset), d.rank, d.world_size, plan.seed, plan.micro_batch,
-                                       plan.global_batch_sequences)
+    return dataset, DistributedResumableSampler(len(dataset), d.rank, d.world_size, plan.seed, plan.micro_batch,
+                                                plan.global_batch_sequences)
 
 
-def _restore(engine: Engine, sampler: DistributedResumableSampler, resume: Resume, d: Distributed,
+def _source_sequences(plan: TrainPlan, sampler: Sampler) -> dict:
+    """The sequences drawn from each source so far, all ranks together (every rank walks the whole stream), for a
+    mixture; nothing for one source."""
+    if not isinstance(sampler, MixtureSampler):
+        return {}
+    return {"source_sequences": {s.name: n for s, n in zip(plan.sources, sampler.draws, strict=True)}}
+
+
+def _restore(engine: Engine, sampler: Sampler, resume: Resume, d: Distributed,
              log: MetricsLog) -> int:
     """Loads model, optimizer, sampler and RNG states; returns the step the checkpoint was taken after."""
     engine.load(resume.folder)
@@ -166,7 +188,7 @@ def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[tor
     """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate)."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(plan.grad_accum):
-        input_ids = next(batches).to(d.device, non_blocking=True)
+        input_ids = next(batches)
         loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1).float()
     lr = lr_at(plan, step)
     return loss_sum / plan.grad_accum, engine.optimizer_step(lr), lr
@@ -184,14 +206,18 @@ def _param_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def _batches(dataset: PackedDataset, sampler: DistributedResumableSampler) -> Iterator[torch.Tensor]:
-    """This rank's micro-batches, epoch after epoch; drawn one at a time so the sampler state stays exact."""
+def _batches(dataset: PackedDataset | MixtureDataset, sampler: Sampler, device: torch.device) -> Iterator[torch.Tensor]:
+    """This rank's micro-batches on `device`, epoch after epoch; drawn one at a time so the sampler state stays
+    exact. On a GPU each batch is read into pinned memory and copied without blocking: the copy is queued behind
+    the kernels already launched while the host goes on, so the step never waits on the host for its input."""
+    pin = device.type == "cuda"
     while True:
         for indices in sampler:
-            yield dataset.batch(indices)
+            batch = dataset.batch(indices)
+            yield batch.pin_memory().to(device, non_blocking=True) if pin else batch
 
 
-def _save(plan: TrainPlan, d: Distributed, engine: Engine, sampler: DistributedResumableSampler, step: int) -> Path:
+def _save(plan: TrainPlan, d: Distributed, engine: Engine, sampler: Sampler, step: int) -> Path:
     trainer_state = {"step": step, "sampler": sampler.state_dict(), "rng": rng_state()}
 
     def write(folder: Path) -> None:

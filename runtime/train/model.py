@@ -86,6 +86,9 @@ def build_model(plan: TrainPlan, device: torch.device) -> nn.Module:
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # Every k-th layer (0, k, 2k, ...) under full checkpointing; transformers reads the flag per layer.
+        for index, layer in enumerate(decoder_layers(model)):
+            layer.gradient_checkpointing = index % plan.checkpoint_every_layers == 0
     if plan.compile_layers:
         # In place (nn.Module.compile), so parameter names, FSDP2 units and checkpoints stay as in eager mode;
         # each layer is traced at its first call, after LoRA and sharding have replaced what they replace.

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
+
+from dapc.schedule import lr_at as schedule_lr_at
 
 from .config import TrainPlan
 
@@ -50,15 +51,6 @@ def fused_adamw(groups: list[dict[str, Any]]) -> bool:
 
 
 def lr_at(plan: TrainPlan, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over the plan's `warmup_steps`,
-    then cosine or linear decay to the plan's `min_lr` at the last step, or constant."""
-    warmup = plan.warmup_steps
-    if step < warmup:
-        return plan.lr * (step + 1) / warmup
-    if plan.schedule == "constant":
-        return plan.lr
-    floor = plan.min_lr
-    progress = (step - warmup) / max(1, plan.steps - 1 - warmup)
-    if plan.schedule == "linear":
-        return plan.lr - (plan.lr - floor) * progress
-    return floor + (plan.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Learning rate of optimizer step `step` (0-based), from the plan's schedule (`dapc.schedule.lr_at`, the
+    function whose key points `dapc plan` prints)."""
+    return schedule_lr_at(plan.lr_schedule, step)
