@@ -99,6 +99,7 @@ class Workload:
     loss_chunk_tokens: int = 0  # plan.json loss.chunk_tokens: 0 is the plain loss (dapc.kernels)
     cpu_fixed_mmap_threshold: bool = False  # MALLOC_MMAP_THRESHOLD_ set for the training processes (CPU device)
     checkpoint_every_layers: int = 1  # under full checkpointing, every k-th layer is checkpointed
+    document_masks: bool = False  # data.document_boundaries separate: a packed-document attention mask
 
     @property
     def checkpointed_layers(self) -> int:
@@ -308,6 +309,16 @@ def _final_norm_and_rope_bytes_per_token(w: Workload) -> int:
 
 def activations_kept(w: Workload) -> Figure:
     """Returns bytes per GPU of activations held for backward once the forward of a micro-batch is done."""
+    figure = _activations_kept(w)
+    if not w.document_masks:
+        return figure
+    # transformers builds one boolean [b, 1, s, s] mask for SDPA from the restarting position ids (masking_utils
+    # sdpa_mask); every layer's attention saves that same tensor for backward.
+    mask = w.micro_batch * w.seq_len**2
+    return Figure(figure.bytes + mask, figure.formula + " + b·s² packed-document mask (bool)")
+
+
+def _activations_kept(w: Workload) -> Figure:
     tokens = w.micro_batch * w.seq_len
     final_norm = _final_norm_and_rope_bytes_per_token(w) * tokens
     if w.activation_checkpointing == "full":

@@ -155,6 +155,7 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: s
         expandable_segments=expandable_segments(r), fsdp_embedding_units=r.training.fsdp_embedding_units,
         loss_chunk_tokens=loss_decision(spec).chunk_tokens,
         cpu_fixed_mmap_threshold="MALLOC_MMAP_THRESHOLD_" in r.launch.env,
+        document_masks=r.data.document_boundaries == "separate",
     )
     return replace(workload, **changes) if changes else workload
 

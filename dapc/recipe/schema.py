@@ -149,6 +149,10 @@ class DataSection(Section):
     tokenizer: str | None = Field(
         None, description="Tokenizer directory or HF id; defaults to the model source."
     )
+    document_boundaries: Literal["concatenate", "separate"] = Field(
+        "concatenate", description="Packed documents as one stream (`concatenate`), or `separate`: positions restart "
+        "after every EOS and attention stays inside each document (transformers' packed-sequence mask: an s×s mask "
+        "per sequence under SDPA, which also leaves the flash kernel).")
     seq_len: int = Field(2048, ge=8, le=1_048_576, description="Tokens per packed training sequence.")
     validation_fraction: float = Field(
         0.01, ge=0, lt=0.5, description="Share of documents held out for validation perplexity."

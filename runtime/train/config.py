@@ -107,6 +107,7 @@ class TrainPlan:
     output_dir: str
     prepared_dir: str
     sources: tuple[SourceData, ...]  # plan.json corpus.sources: where each was prepared, its share
+    document_boundaries: str  # concatenate | separate (positions and attention per packed document)
     checkpoint_dir: str
     export_dir: str
     metrics_path: str
@@ -185,6 +186,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         output_dir=plan.paths.output_dir,
         prepared_dir=plan.paths.prepared_dir,
         sources=tuple(SourceData(s.name, s.prepared_dir, s.share) for s in plan.corpus.sources),
+        document_boundaries=r.data.document_boundaries,
         checkpoint_dir=plan.paths.checkpoint_dir,
         export_dir=plan.paths.export_dir,
         metrics_path=plan.paths.metrics_path,

@@ -28,11 +28,13 @@ from runtime.checkpoint import (
     trainer_state_path,
 )
 from runtime.data import DistributedResumableSampler, MixtureDataset, MixtureSampler, PackedDataset
+from runtime.prepare import load_manifest
 
 from .config import PlanError, TrainPlan
 from .distributed import Distributed, init_distributed, shutdown_distributed
 from .engines import Engine, init_deepspeed_distributed, make_engine
 from .host_allocator import use_huge_pages
+from .loss import document_positions
 from .metrics import MetricsLog, mfu
 from .model import build_model
 from .nf4 import NF4Linear
@@ -94,10 +96,11 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
             + (f", {resume.describe(d.world_size)} after step {step}" if resume else ""))
     final = None if resume is None else resume.folder
     batches = _batches(dataset, sampler, d.device)
+    eos_token_id = _eos_token_id(plan) if plan.document_boundaries == "separate" else None
     tokens_per_step = plan.global_batch_sequences * plan.seq_len
     mark, steps_since_log = time.perf_counter(), 0
     while step < plan.steps:
-        loss, grad_norm, lr = _step(plan, d, engine, batches, step)
+        loss, grad_norm, lr = _step(plan, d, engine, batches, step, eos_token_id)
         step, steps_since_log = step + 1, steps_since_log + 1
         if step % plan.log_every_steps == 0 or step == plan.steps:
             now = time.perf_counter()
@@ -151,6 +154,15 @@ def _data(plan: TrainPlan, d: Distributed) -> tuple[PackedDataset | MixtureDatas
                                                 plan.global_batch_sequences)
 
 
+def _eos_token_id(plan: TrainPlan) -> int:
+    """The EOS id `prepare` joined documents with (every source's manifest records it; they must agree)."""
+    ids = {load_manifest(s.prepared_dir).tokenizer.eos_token_id for s in plan.sources}
+    if len(ids) != 1 or None in ids:
+        raise PlanError(f"the prepared sources record EOS ids {sorted(map(str, ids))}: per-document positions need "
+                        "one EOS id; prepare them again with the plan's tokenizer", plan.path)
+    return ids.pop()
+
+
 def _source_sequences(plan: TrainPlan, sampler: Sampler) -> dict:
     """The sequences drawn from each source so far, all ranks together (every rank walks the whole stream), for a
     mixture; nothing for one source."""
@@ -183,13 +195,15 @@ def _stop_requested(plan: TrainPlan, d: Distributed) -> bool:
     return bool(flag.item())
 
 
-def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[torch.Tensor],
-          step: int) -> tuple[torch.Tensor, torch.Tensor | float, float]:
-    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate)."""
+def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[torch.Tensor], step: int,
+          eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | float, float]:
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate).
+    With `eos_token_id`, each packed document gets positions of its own and attends only to itself."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(plan.grad_accum):
         input_ids = next(batches)
-        loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1).float()
+        positions = None if eos_token_id is None else document_positions(input_ids, eos_token_id)
+        loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1, position_ids=positions).float()
     lr = lr_at(plan, step)
     return loss_sum / plan.grad_accum, engine.optimizer_step(lr), lr
 

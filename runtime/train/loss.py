@@ -66,10 +66,22 @@ def chunked_loss_head(model: nn.Module) -> ChunkedLossHead | None:
     return next((m for m in model.modules() if isinstance(m, ChunkedLossHead)), None)
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, head: ChunkedLossHead | None) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, head: ChunkedLossHead | None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the mean next-token cross-entropy (fp32 scalar) of `input_ids` under `model` (plain, or chunked
-    by `head` when the model's head is one)."""
+    by `head` when the model's head is one). With `position_ids` that restart per packed document, transformers
+    blocks attention across documents (its packed-sequence mask)."""
     if head is None:
-        return model(input_ids=input_ids, labels=input_ids).loss
+        return model(input_ids=input_ids, labels=input_ids, position_ids=position_ids).loss
     head.targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
-    return model(input_ids=input_ids).logits
+    return model(input_ids=input_ids, position_ids=position_ids).logits
+
+
+def document_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Returns position ids [b, s] that restart at 0 on the token after every EOS (a new packed document)."""
+    b, s = input_ids.shape
+    index = torch.arange(s, device=input_ids.device).expand(b, s)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == eos_token_id
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
