@@ -96,7 +96,7 @@ def _source_lines(plan: Plan) -> list[str]:
     if len(plan.corpus.sources) == 1:
         return []
     return [f"source {escape(s.name)} ({s.role}, {s.amount}): {s.total_bytes:,} bytes ≈ {s.estimated_tokens:,} "
-            f"tokens; draws {s.planned_tokens:,} tokens = {s.share:.1%} of the stream, {s.epochs:.2f} epochs"
+            f"tokens; draws {s.planned_tokens:,} ({s.share:.1%}, {s.epochs:,.2f} epochs)"
             for s in plan.corpus.sources]
 
 
