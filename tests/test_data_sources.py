@@ -145,6 +145,13 @@ def test_two_sources_plan_with_their_shares_and_prepare_into_folders_of_their_ow
         in text
     assert "source general (replay, replay share 0.25): 10,005 bytes ≈ 2,501 tokens; draws 4,096 (25.0%, 1.64 " \
            "epochs)" in text
+    rendered = tmp_path / "rendered"
+    result = CliRunner().invoke(main, ["render", str(TINY_RECIPE), "-o", str(rendered), *(
+        f"--set={o}" for o in _two_source_overrides(tmp_path, "hardware.nodes=2"))])
+    assert result.exit_code == 0, result.stderr
+    # A second node waits for every source's manifest before it trains.
+    job = (rendered / "job.sbatch").read_text() + (rendered / "pytorchjob.yaml").read_text()
+    assert all(f"{tmp_path / 'data' / name}/manifest.json" in job for name in ("security", "general"))
     plan_path = _compile(tmp_path)
     plan = json.loads(plan_path.read_text())
     assert [(s["name"], s["role"], s["prepared_dir"]) for s in plan["corpus"]["sources"]] == [
