@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from dapc.errors import DapcError
 
-FORMATS = ("text", "jsonl", "parquet")
+FORMATS = ("text", "jsonl", "parquet", "chat", "prompt-completion")
 # What a directory contributes, per format; a file named directly or matched by a glob is taken as it is.
-SUFFIXES = {"text": (".txt", ".md", ".text", ".rst"), "jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet",)}
+SUFFIXES = {"text": (".txt", ".md", ".text", ".rst"), "jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet",),
+            "chat": (".jsonl", ".ndjson", ".json"), "prompt-completion": (".jsonl", ".ndjson", ".json")}
 _GLOB_CHARS = "*?["
 
 

@@ -13,13 +13,13 @@ from dapc.cost import flops_per_token, run_cost
 from dapc.kernels import decide_compile
 from dapc.lock import installed_versions, python_version, tokenizer_identity
 from dapc.memory import GIB
+from dapc.objective import objective_decision
 from dapc.plan_schema import SCHEMA_VERSION, Plan, Schedule, sha256_of, trajectory_of
 from dapc.planner import COMPONENTS, Candidate, Decision, PlanInputError, expandable_segments, loss_decision
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
 from dapc.schedule import key_points
 from dapc.sources import EPOCHS_WARNING
-
 
 
 def _rounded(value: float) -> float:
@@ -150,7 +150,8 @@ def _corpus(spec: Spec, decision: Decision) -> dict[str, Any]:
     } for p in decision.sources]
     benchmarks = {b.name: b.path for b in spec.recipe.eval.benchmarks}
     decon = d.decontamination
-    on = decon.enabled is True or (decon.enabled == "auto" and bool(benchmarks))
+    # auto: off for sft, whose chat records the n-gram filter does not read (dapc.objective refuses `true`)
+    on = decon.enabled is True or (decon.enabled == "auto" and bool(benchmarks) and spec.recipe.training.objective == "cpt")
     if decon.enabled is True and not benchmarks:
         raise PlanInputError("decontamination is on, but eval.benchmarks names no benchmark to check against",
                              ("data", "decontamination", "enabled"))
@@ -279,6 +280,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
         },
         "paths": _paths(spec),
         "corpus": _corpus(spec, decision),
+        "objective": objective_decision(r),
         "loss": {"kind": loss.kind, "chunk_tokens": loss.chunk_tokens, "reason": loss.reason},
         "torch_compile": asdict(decide_compile(t.compile, spec.device.is_cpu, r.method.name, c.strategy.backend)),
         "loading": {"mode": c.loading.mode, "base_dtype": c.loading.base_dtype,

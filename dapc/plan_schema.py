@@ -209,7 +209,7 @@ class Source(_Part):
 
     name: str
     role: Literal["domain", "replay"]
-    format: Literal["text", "jsonl", "parquet"]
+    format: Literal["text", "jsonl", "parquet", "chat", "prompt-completion"]
     text_field: str | None = Field(description="The field holding the text; null for plain text.")
     files: tuple[CorpusFileInfo, ...] = Field(min_length=1)
     total_bytes: int = Field(ge=0)
@@ -248,6 +248,17 @@ class Corpus(_Part):
     total_bytes: int
     dedup: Dedup | None
     decontamination: Decontamination | None
+
+
+class Objective(_Part):
+    """What the trainer learns (`dapc.objective`): every next token (cpt), or only the assistant's (sft), and how
+    `prepare` turns chat records into text: the tokenizer's own template or a built-in one."""
+
+    name: Literal["cpt", "sft"]
+    data_format: str
+    chat_template: Literal["tokenizer", "chatml"] | None = Field(description="null: no template applies.")
+    targets: str = Field(description="Which tokens are loss targets.")
+    reason: str
 
 
 class Loading(_Part):
@@ -400,6 +411,7 @@ class Plan(_Part):
     device: DeviceInfo
     paths: Paths
     corpus: Corpus
+    objective: Objective
     loading: Loading
     loss: LossInfo
     torch_compile: TorchCompile

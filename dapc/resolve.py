@@ -13,6 +13,7 @@ from dapc.hardware import Device, resolve_device
 from dapc.lock import MISTRAL_COMMON_PREFIX
 from dapc.models import Architecture, ParamCounts, count_params, load_architecture, lora_trainable_params
 from dapc.recipe import LoadedRecipe, Recipe
+from dapc.recipe.schema import RECORD_FORMATS
 from dapc.sources import SINGLE_SOURCE_NAME, SourceFiles
 
 MISTRAL_COMMON_TOKENIZER = MISTRAL_COMMON_PREFIX + "v1"
@@ -75,7 +76,7 @@ def _sources(recipe: Recipe, loaded: LoadedRecipe) -> tuple[tuple[SourceFiles, .
         return absolute, _corpus(absolute, fmt, loaded, *key)
 
     def field(fmt: str, own: str | None) -> str | None:
-        return None if fmt == "text" else own or d.text_field
+        return None if fmt == "text" or fmt in RECORD_FORMATS else own or d.text_field
 
     if d.paths:
         paths, found = files(d.paths, d.format, "data", "paths")

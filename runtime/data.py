@@ -34,6 +34,8 @@ from torch.utils.data import Dataset
 from runtime.prepare import load_manifest
 from runtime.prepare.sources import PrepareError
 
+IGNORE_INDEX = -100  # what transformers' loss skips (runtime.train.loss)
+
 __all__ = ["DistributedResumableSampler", "MixtureDataset", "MixtureSampler", "PackedDataset"]
 
 
@@ -46,17 +48,25 @@ class PackedDataset(Dataset):
             raise PrepareError(
                 f"no split {split!r}; the manifest has {', '.join(self.manifest.splits)}", str(prepared_dir)
             )
-        self.split, self.seq_len = split, self.manifest.seq_len
-        self._paths = []
+        self.split, self.seq_len, self.prepared_dir = split, self.manifest.seq_len, str(prepared_dir)
+        self._paths, self._mask_paths = [], []
         counts = []
-        for shard in self.manifest.shards_for(split):
-            path = os.path.join(prepared_dir, shard.file)
-            if not os.path.isfile(path) or os.path.getsize(path) != shard.bytes:
-                raise PrepareError(f"shard missing or truncated (expected {shard.bytes:,} bytes); prepare again", path)
-            self._paths.append(path)
+        masks = self.manifest.loss_masks_for(split)
+        self.has_loss_mask = self.manifest.records is not None
+        for shard, mask in zip(self.manifest.shards_for(split), masks if self.has_loss_mask else
+                               [None] * len(self.manifest.shards_for(split)), strict=True):
+            for info in (shard, mask) if mask is not None else (shard,):
+                path = os.path.join(prepared_dir, info.file)
+                if not os.path.isfile(path) or os.path.getsize(path) != info.bytes:
+                    raise PrepareError(f"shard missing or truncated (expected {info.bytes:,} bytes); prepare again",
+                                       path)
+            self._paths.append(os.path.join(prepared_dir, shard.file))
+            if mask is not None:
+                self._mask_paths.append(os.path.join(prepared_dir, mask.file))
             counts.append(shard.sequences)
         self._starts = np.cumsum([0, *counts])
         self._maps: list[np.memmap] | None = None
+        self._mask_maps: list[np.memmap] | None = None
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -74,8 +84,27 @@ class PackedDataset(Dataset):
             return torch.empty(0, self.seq_len, dtype=torch.int64)
         return torch.stack([self[int(i)] for i in indices])
 
+    def labels(self, indices: Sequence[int]) -> torch.Tensor:
+        """sft: the samples' labels [len(indices), seq_len]: the token where the loss mask is 1 (an assistant
+        token), IGNORE_INDEX (-100) elsewhere. The loss shifts them: position t is scored on label t + 1."""
+        if not self.has_loss_mask:
+            raise PrepareError("the prepared data holds no loss mask (prepared from documents, not sft records)",
+                               self.prepared_dir)
+        if self._mask_maps is None:
+            self._mask_maps = [np.memmap(p, dtype=np.uint8, mode="r").reshape(-1, self.seq_len)
+                               for p in self._mask_paths]
+        rows = []
+        for i in indices:
+            index = int(i) % len(self)
+            shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+            rows.append(torch.from_numpy(self._mask_maps[shard][index - self._starts[shard]].astype(np.bool_)))
+        tokens = self.batch(indices)
+        if not rows:
+            return tokens
+        return torch.where(torch.stack(rows), tokens, torch.full_like(tokens, IGNORE_INDEX))
+
     def __getstate__(self) -> dict:  # DataLoader workers reopen the maps instead of copying them
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_maps": None, "_mask_maps": None}
 
     def _shards(self) -> list[np.memmap]:
         if self._maps is None:

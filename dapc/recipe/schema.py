@@ -76,7 +76,9 @@ class MethodSection(Section):
     double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
 
 
-DataFormat = Literal["text", "jsonl", "parquet"]
+DataFormat = Literal["text", "jsonl", "parquet", "chat", "prompt-completion"]
+# Formats of supervised fine-tuning records (JSONL, one record a line): the trainer learns their assistant part.
+RECORD_FORMATS = ("chat", "prompt-completion")
 
 
 class SourceSection(Section):
@@ -141,7 +143,14 @@ class DataSection(Section):
     sources: list[SourceSection] = Field(
         default_factory=list, description="Named corpus sources with their share of the training stream.")
     replay: ReplaySection | None = Field(None, description="General text replayed at a fixed share of all tokens.")
-    format: DataFormat = Field("text", description="How each corpus file is read.")
+    format: DataFormat = Field(
+        "text", description="How each corpus file is read: `text`, `jsonl` or `parquet` documents (continued "
+        "pretraining), or JSONL records for `training.objective: sft`: `chat` ({\"messages\": [{\"role\": "
+        "\"system\"|\"user\"|\"assistant\", \"content\": str}, ...]}) or `prompt-completion` ({\"prompt\": str, "
+        "\"completion\": str}).")
+    chat_template: Literal["auto", "chatml"] = Field(
+        "auto", description="How `chat` records become text: `auto` uses the tokenizer's own chat_template, else "
+        "the built-in `chatml` (`<|im_start|>role\\ncontent<|im_end|>\\n`, written as plain text).")
     text_field: str = Field("text", min_length=1, description="The field holding the text (jsonl, parquet).")
     dedup: DedupSection = Field(default_factory=DedupSection, description="Deduplication in `prepare` (off).")
     decontamination: DecontaminationSection = Field(
@@ -180,6 +189,9 @@ class DataSection(Section):
 
 
 class TrainingSection(Section):
+    objective: Literal["cpt", "sft"] = Field(
+        "cpt", description="`cpt`: continued pretraining, every next token is a target. `sft`: supervised "
+        "fine-tuning on `chat` or `prompt-completion` records, only assistant (completion) tokens are targets.")
     tokens: int | None = Field(None, ge=1, description="Token budget; overrides `epochs`.")
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the corpus when `tokens` is unset.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")

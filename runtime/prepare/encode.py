@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .filters import Piece, SignSettings, sign_documents
+from .records import RecordSettings, encode_record_texts, read_records
 from .sources import Document, PrepareError, Unit, read_documents
 from .word_cache import word_cache_encoder
 
@@ -45,6 +46,7 @@ class EncodeSettings:
     dtype: str  # of the shards: "uint16" or "uint32"
     tokenizer: TokenizerSource
     filters: SignSettings | None = None
+    records: RecordSettings | None = None  # sft records (chat, prompt-completion) instead of documents
 
 
 @dataclass
@@ -56,6 +58,8 @@ class UnitResult:
     words: dict[str, int]
     content_tokens: dict[str, int]  # EOS not counted
     pieces: list[Piece] | None = None  # with filters: per document, its signatures; `tokens` then hold no EOS
+    masks: dict[str, np.ndarray] | None = None  # sft records: per split, 1 where `tokens` holds a target (uint8)
+    record_tokens: dict[str, list[int]] | None = None  # sft records: per split, each record's tokens with its EOS
 
 
 def tokenizer_source(tokenizer, directory: str, scratch: Path) -> TokenizerSource:
@@ -133,6 +137,8 @@ def _split_of(doc: Document, settings: EncodeSettings) -> str:
 def encode_unit(unit: Unit, settings: EncodeSettings) -> UnitResult:
     """Returns the unit's tokens per split, in the shard dtype (half the bytes to pickle for a 32k vocabulary).
     With filters, the tokens of the documents not contaminated, without EOS, and the pieces (`keep_pieces`)."""
+    if settings.records is not None:
+        return _encode_records(unit, settings)
     docs = read_documents(unit, settings.fmt, settings.text_field)
     if settings.filters is not None:
         return _encode_signed(unit, docs, settings)
@@ -149,6 +155,66 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> UnitResult:
             parts[split].append(eos)
             documents[split] += 1
     return UnitResult(unit.index, unit.input_bytes, _arrays(parts, settings.dtype, unit), documents, words, content)
+
+
+def _encode_records(unit: Unit, settings: EncodeSettings) -> UnitResult:
+    """Returns the unit's sft records per split: tokens, each record followed by EOS, their target mask, and
+    each record's length; `documents` counts records, `content_tokens` their tokens without EOS."""
+    records = read_records(unit, settings.records)
+    special = settings.records.template_has_special_tokens
+    encoded = encode_record_texts(_offsets_encoder_for(settings.tokenizer, special), records)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    masks: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    lengths: dict[str, list[int]] = {s: [] for s in SPLITS}
+    documents, words, content = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    for record, (ids, mask) in zip(records, encoded, strict=True):
+        split = "validation" if is_validation(hashlib.sha256(record.identity).digest(), settings.seed,
+                                              settings.validation_fraction) else "train"
+        parts[split] += [ids, np.array([settings.eos_token_id], dtype=np.uint32)]
+        masks[split] += [mask, np.array([int(record.ends_with_target)], dtype=np.uint8)]
+        lengths[split].append(len(ids) + 1)
+        documents[split] += 1
+        words[split] += len(record.text.split())
+        content[split] += len(ids)
+    mask_arrays = {s: np.concatenate(masks[s]) if masks[s] else np.zeros(0, dtype=np.uint8) for s in SPLITS}
+    return UnitResult(unit.index, unit.input_bytes, _arrays(parts, settings.dtype, unit), documents, words, content,
+                      masks=mask_arrays, record_tokens=lengths)
+
+
+_offsets_encoder = None  # texts -> (ids, offsets), for sft records
+_offsets_source: tuple | None = None
+
+
+def _offsets_encoder_for(source: TokenizerSource, special_tokens: bool):
+    """Returns texts → (ids, character offsets) per text, no special tokens added; a special token's text in
+    the input is that token when `special_tokens` (a tokenizer's own template writes them), else plain text."""
+    global _offsets_encoder, _offsets_source
+    if (source, special_tokens) != _offsets_source:
+        _offsets_encoder, _offsets_source = _build_offsets_encoder(source, special_tokens), (source, special_tokens)
+    return _offsets_encoder
+
+
+def _build_offsets_encoder(source: TokenizerSource, special_tokens: bool):
+    if source.backend_json is not None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(source.backend_json)
+        backend.encode_special_tokens = not special_tokens
+        backend.no_truncation()
+        backend.no_padding()
+        return lambda texts: [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    if not getattr(tokenizer, "is_fast", False):
+        raise PrepareError("sft records need a fast tokenizer (character offsets of each token)", source.directory)
+
+    def encode(texts):
+        r = tokenizer(texts, add_special_tokens=False, split_special_tokens=not special_tokens,
+                      return_offsets_mapping=True, return_attention_mask=False)
+        return list(zip(r["input_ids"], r["offset_mapping"], strict=True))
+
+    return encode
 
 
 def _encode_signed(unit: Unit, docs: list[Document], settings: EncodeSettings) -> UnitResult:

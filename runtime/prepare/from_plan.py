@@ -54,6 +54,7 @@ def prepare_from_plan(
             validation_fraction=data.validation_fraction,
             seed=plan.recipe.training.seed,
             prepared_dir=source.prepared_dir,
+            chat_template=plan.objective.chat_template,
             workers=workers,
             console=console,
             progress=progress,

@@ -72,6 +72,9 @@ class Manifest:
     splits: dict[str, SplitStats]
     shards: list[ShardInfo] = field(default_factory=list)  # the index: shard files in sample order per split
     filters: FilterStats | None = None  # None: no filter was on (and the manifest has no "filters")
+    # sft records: {"settings": {template, template_sha256, packing}, "splits": {split: counts}}; None for text
+    records: dict | None = None
+    loss_masks: list[ShardInfo] = field(default_factory=list)  # sft: uint8 shards beside `shards`, same shapes
 
     @property
     def words(self) -> int:
@@ -88,10 +91,16 @@ class Manifest:
     def shards_for(self, split: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == split]
 
+    def loss_masks_for(self, split: str) -> list[ShardInfo]:
+        """The loss-mask shards of `split` (sft records), one per token shard, in the same order."""
+        return [s for s in self.loss_masks if s.split == mask_split(split)]
+
     def to_dict(self) -> dict:
         out = asdict(self)
         if self.filters is None:
             del out["filters"]  # a preparation without filters keeps the bytes it had before they existed
+        if self.records is None:
+            del out["records"], out["loss_masks"]
         out["corpus"] = {
             "files": len(self.files),
             "bytes": sum(f.bytes for f in self.files),
@@ -116,6 +125,7 @@ class Manifest:
                 "files": [InputFile(**f) for f in data["files"]],
                 "splits": {k: SplitStats(**v) for k, v in data["splits"].items()},
                 "shards": [ShardInfo(**s) for s in data["shards"]],
+                "loss_masks": [ShardInfo(**s) for s in data.get("loss_masks", [])],
                 "filters": FilterStats(**data["filters"]) if data.get("filters") is not None else None,
             }
         )
@@ -124,6 +134,11 @@ class Manifest:
         path = Path(directory) / MANIFEST_NAME
         write_json_atomic(path, self.to_dict())
         return path
+
+
+def mask_split(split: str) -> str:
+    """The name the loss-mask shards of `split` are written under: `{split}-mask-00000.bin`, ..."""
+    return f"{split}-mask"
 
 
 def load_manifest(prepared_dir: str | os.PathLike) -> Manifest:

@@ -35,6 +35,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dapc.corpus import FORMATS, CorpusError, resolve_corpus
+from dapc.recipe.schema import RECORD_FORMATS
 from runtime.tokenizer import load_tokenizer, resolve_tokenizer_dir, tokenizer_sha256
 
 from .encode import (
@@ -64,8 +65,10 @@ from .manifest import (
     SplitStats,
     TokenizerInfo,
     load_manifest,
+    mask_split,
     write_json_atomic,
 )
+from .records import pack_records, record_settings
 from .shards import ResumeMismatch, SplitWriter
 from .sources import InputFile, PrepareError, hash_file, plan_units
 from .workers import Workers
@@ -75,6 +78,7 @@ DEFAULT_SHARD_BYTES = 1 << 28  # 256 MiB per shard file
 CHECKPOINT_SECONDS = 5.0
 PROGRESS_NAME = "progress.json"
 _COUNTERS = ("documents", "words", "content_tokens", "tokens")
+_RECORD_COUNTERS = ("truncated_records", "truncated_tokens", "padding_tokens", "target_tokens")
 
 
 def prepare_corpus(
@@ -95,6 +99,7 @@ def prepare_corpus(
     locked_sha256: dict[str, str] | None = None,
     dedup: DedupSettings | None = None,
     decontamination: DecontaminationSettings | None = None,
+    chat_template: str | None = None,
 ) -> Manifest:
     """Tokenize, split, pack and shard a corpus into `prepared_dir`; resumes an interrupted run; returns the manifest.
 
@@ -109,7 +114,7 @@ def prepare_corpus(
         files = [f.path for f in resolve_corpus([os.path.abspath(p) for p in paths], data_format)]
     except CorpusError as e:
         raise PrepareError(e.message) from e
-    text_field = None if data_format == "text" else text_field
+    text_field = None if data_format == "text" or data_format in RECORD_FORMATS else text_field
     started = time.monotonic()
     with Workers(workers or os.cpu_count() or 1) as pool, tempfile.TemporaryDirectory(prefix="dapc-") as scratch:
         hashing = pool.start(hash_file, files)  # in the workers, while this process loads the tokenizer
@@ -119,8 +124,9 @@ def prepare_corpus(
         shard_sequences = shard_sequences or max(1, DEFAULT_SHARD_BYTES // (seq_len * np.dtype(dtype).itemsize))
         source = tokenizer_source(tok, str(resolve_tokenizer_dir(tokenizer)), Path(scratch))
         signing = _sign_settings(dedup, decontamination, Path(scratch))
+        records, records_info = record_settings(data_format, chat_template, tok, signing is not None)
         settings = EncodeSettings(
-            data_format, text_field, seed, validation_fraction, tok.eos_token_id, dtype, source, signing
+            data_format, text_field, seed, validation_fraction, tok.eos_token_id, dtype, source, signing, records
         )
         tok_info = TokenizerInfo(tokenizer, tokenizer_sha256(tokenizer), vocab_size, tok.eos_token_id)
         out = Path(prepared_dir)
@@ -143,6 +149,7 @@ def prepare_corpus(
                 packing=_packing(shard_sequences, unit_bytes),
                 splits={},
                 filters=FilterStats(settings_record(dedup, decontamination)) if signing is not None else None,
+                records=records_info,
             )
             filters = partial(FilterState, dedup, decontamination, data_format, inputs) if signing is not None else None
             return _tokenize(out, base, settings, filters, pool, unit_bytes, console, progress, started)
@@ -164,6 +171,9 @@ def _fingerprint(base: Manifest) -> str:
     data = {k: v for k, v in base.to_dict().items() if k not in ("corpus", "splits", "shards")}
     if "filters" in data:
         data["filters"] = data["filters"]["settings"]
+    if "records" in data:
+        data["records"] = data["records"]["settings"]
+        del data["loss_masks"]
     return _sha256_json(data)
 
 
@@ -178,7 +188,7 @@ def _tokenize(out: Path, base: Manifest, settings: EncodeSettings, filters: Call
         _report(console, out, done, None)
         return done
     run = _Run(out, base.seq_len, base.dtype, base.packing["shard_sequences"], fingerprint, console, filters,
-               settings.eos_token_id)
+               settings.eos_token_id, records=base.records is not None)
     try:
         plan = partial(plan_units, base.files, base.data_format, base.text_field, unit_bytes)
         run.restore(lambda done: pool.ordered(sign_unit, itertools.islice(plan(), done), settings))
@@ -207,8 +217,11 @@ class _Run:
     """The mutable state of one preparation: writers, counters, filters, position, and the progress record."""
 
     def __init__(self, out: Path, seq_len: int, dtype: str, shard_sequences: int, fingerprint: str, console,
-                 new_filters: Callable[[], FilterState] | None = None, eos_token_id: int = 0):
+                 new_filters: Callable[[], FilterState] | None = None, eos_token_id: int = 0, records: bool = False):
         self.out, self.seq_len, self.dtype, self.shard_sequences = out, seq_len, dtype, shard_sequences
+        self.records = records  # sft: records packed whole, and a loss-mask writer per split beside the tokens'
+        self.record_counters = {s: dict.fromkeys(_RECORD_COUNTERS, 0) for s in SPLITS}
+        self.mask_writers: dict[str, SplitWriter] = {}
         self.fingerprint, self.console = fingerprint, console
         self.next_unit = self.input_bytes_done = self.tokens_this_run = 0
         self.counters = {s: dict.fromkeys(_COUNTERS, 0) for s in SPLITS}
@@ -241,6 +254,12 @@ class _Run:
                     self.writers[s] = SplitWriter.resume(
                         self.out, s, self.seq_len, self.dtype, self.shard_sequences, record["splits"][s]
                     )
+                    if self.records:
+                        self.mask_writers[s] = SplitWriter.resume(
+                            self.out, mask_split(s), self.seq_len, "uint8", self.shard_sequences,
+                            record["mask_splits"][s])
+                if self.records:
+                    self.record_counters = record["record_counters"]
                 self.next_unit, self.input_bytes_done = record["next_unit"], record["input_bytes_done"]
                 self.counters = record["counters"]
                 if self.filters is not None:
@@ -255,11 +274,14 @@ class _Run:
                 return
             except (ResumeMismatch, KeyError, TypeError, ValueError) as e:
                 self.close()
-                self.writers = {}
+                self.writers, self.mask_writers = {}, {}
                 self.filters = self.new_filters() if self.new_filters is not None else None
                 _say(self.console, f"progress.json does not match the files ({e}); starting over")
         _remove_outputs(self.out)
         self.writers = {s: SplitWriter(self.out, s, self.seq_len, self.dtype, self.shard_sequences) for s in SPLITS}
+        if self.records:
+            self.mask_writers = {s: SplitWriter(self.out, mask_split(s), self.seq_len, "uint8", self.shard_sequences)
+                                 for s in SPLITS}
 
     def add(self, result: UnitResult) -> None:
         if result.index != self.next_unit:
@@ -268,7 +290,10 @@ class _Run:
             result = keep_pieces(result, self.filters.decide(result.pieces), self.eos_token_id)
         commits = 0
         for split in SPLITS:
-            commits += self.writers[split].add(result.tokens[split])
+            if self.records:
+                commits += self._add_records(split, result)
+            else:
+                commits += self.writers[split].add(result.tokens[split])
             stats = self.counters[split]
             stats["documents"] += result.documents[split]
             stats["words"] += result.words[split]
@@ -279,6 +304,23 @@ class _Run:
         self.input_bytes_done += result.input_bytes
         if commits or time.monotonic() - self._last_checkpoint >= CHECKPOINT_SECONDS:
             self.checkpoint()
+
+    def _add_records(self, split: str, result: UnitResult) -> int:
+        """Packs the unit's records of `split` whole (`pack_records`) into the token and mask writers."""
+        tokens, mask, counts = pack_records(result.tokens[split], result.masks[split], result.record_tokens[split],
+                                            len(self.writers[split].carry), self.seq_len, self.eos_token_id)
+        for key, n in counts.items():
+            self.record_counters[split][key] += n
+        self.mask_writers[split].add(mask)
+        return self.writers[split].add(tokens)
+
+    def _pad_last_sequence(self, split: str) -> None:
+        """sft: pads the last partial sequence with EOS (not a target) instead of dropping its records."""
+        short = (self.seq_len - len(self.writers[split].carry)) % self.seq_len
+        if short:
+            self.writers[split].add(np.full(short, self.eos_token_id, dtype=np.uint32))
+            self.mask_writers[split].add(np.zeros(short, dtype=np.uint8))
+            self.record_counters[split]["padding_tokens"] += short
 
     def checkpoint(self) -> None:
         record = {
@@ -291,12 +333,18 @@ class _Run:
         }
         if self.filters is not None:
             record["filters"] = self.filters.counts()
+        if self.records:
+            record["mask_splits"] = {s: w.state() for s, w in self.mask_writers.items()}
+            record["record_counters"] = self.record_counters
         write_json_atomic(self.out / PROGRESS_NAME, record)
         self._last_checkpoint = time.monotonic()
 
     def finish(self, base: Manifest, fingerprint: str) -> Manifest:
         splits = {}
         for split, writer in self.writers.items():
+            if self.records:
+                self._pad_last_sequence(split)
+                self.mask_writers[split].finish()
             dropped = writer.finish()
             c = self.counters[split]
             splits[split] = SplitStats(
@@ -310,14 +358,19 @@ class _Run:
             )
         shards = [info for split in SPLITS for info in self.writers[split].committed]
         filters = self.filters.stats(base.filters.settings) if self.filters is not None else None
+        records = loss_masks = None
+        if self.records:
+            records = {**base.records, "splits": {s: {"records": self.counters[s]["documents"],
+                                                      **self.record_counters[s]} for s in SPLITS}}
+            loss_masks = [info for split in SPLITS for info in self.mask_writers[split].committed]
         manifest = Manifest(**{**base.__dict__, "fingerprint": fingerprint, "splits": splits, "shards": shards,
-                               "filters": filters})
+                               "filters": filters, "records": records, "loss_masks": loss_masks or []})
         manifest.write(self.out)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
         return manifest
 
     def close(self) -> None:
-        for writer in self.writers.values():
+        for writer in [*self.writers.values(), *self.mask_writers.values()]:
             writer.close()
 
 
@@ -334,7 +387,7 @@ def _packing(shard_sequences: int, unit_bytes: int) -> dict:
 def _check_settings(fmt, text_field, seq_len, validation_fraction, unit_bytes, shard_sequences) -> None:
     if fmt not in FORMATS:
         raise PrepareError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt != "text" and not text_field:
+    if fmt not in ("text", *RECORD_FORMATS) and not text_field:
         raise PrepareError(f"format {fmt!r} needs a text_field naming the column that holds the text")
     if not isinstance(seq_len, int) or seq_len < 2:
         raise PrepareError(f"seq_len {seq_len!r} must be an integer of at least 2")
@@ -363,7 +416,7 @@ def _finished(out: Path, fingerprint: str) -> Manifest | None:
 
 def _remove_outputs(out: Path) -> None:
     """A fresh start: delete what an earlier unrecorded attempt may have left, and only files of our names."""
-    for split in SPLITS:
+    for split in (*SPLITS, *map(mask_split, SPLITS)):
         for path in out.glob(f"{split}-*.bin*"):
             if path.name[len(split) + 1 :].split(".")[0].isdigit():
                 path.unlink()
@@ -419,6 +472,11 @@ def _report(console: Console | None, out: Path, m: Manifest, timing: tuple[float
             f"{split}: {s.documents:,} documents, {s.tokens:,} tokens with EOS → {s.sequences:,} sequences of {m.seq_len:,} "
             f"tokens in {shards} shard{'s' if shards != 1 else ''} ({s.dropped_tokens:,} remainder tokens dropped)",
         )
+    if m.records is not None:
+        for split, r in m.records["splits"].items():
+            _say(console, f"{split}: {r['records']:,} records, {r['target_tokens']:,} target tokens; "
+                 f"{r['truncated_records']:,} longer than seq_len truncated ({r['truncated_tokens']:,} tokens cut), "
+                 f"{r['padding_tokens']:,} padding tokens")
     if m.filters is not None:
         f = m.filters
         _say(

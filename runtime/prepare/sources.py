@@ -86,7 +86,7 @@ def plan_units(files: Sequence[InputFile], fmt: str, text_field: str | None, uni
     segments: list[Segment] = []
     size = index = 0
     for file in files:
-        for start, end in _byte_ranges(file, unit_bytes, lines_only=fmt == "jsonl"):
+        for start, end in _byte_ranges(file, unit_bytes, lines_only=fmt != "text"):
             last = end == file.bytes
             segments.append(
                 Segment(file.path, start, end, doc_sha256=file.sha256 if fmt == "text" else "", ends_document=last)

@@ -108,6 +108,7 @@ class TrainPlan:
     prepared_dir: str
     sources: tuple[SourceData, ...]  # plan.json corpus.sources: where each was prepared, its share
     document_boundaries: str  # concatenate | separate (positions and attention per packed document)
+    objective: str  # cpt (labels = input_ids) | sft (labels masked to the assistant's tokens): plan.json objective
     checkpoint_dir: str
     export_dir: str
     metrics_path: str
@@ -187,6 +188,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         prepared_dir=plan.paths.prepared_dir,
         sources=tuple(SourceData(s.name, s.prepared_dir, s.share) for s in plan.corpus.sources),
         document_boundaries=r.data.document_boundaries,
+        objective=plan.objective.name,
         checkpoint_dir=plan.paths.checkpoint_dir,
         export_dir=plan.paths.export_dir,
         metrics_path=plan.paths.metrics_path,

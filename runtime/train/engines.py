@@ -55,7 +55,8 @@ class Engine:
 
     model: nn.Module
 
-    def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns the (detached) mean loss.
         `last` is the final micro-batch of the step: gradients are synchronized only then. `position_ids`:
         per-document positions (data.document_boundaries separate), else None."""
@@ -105,7 +106,8 @@ class TorchEngine(Engine):
         self.scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
         self._options = StateDictOptions(ignore_frozen_params=plan.method != "full")
 
-    def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.plan.backend == "fsdp2":
             # Skipping the sync would accumulate every layer's *unsharded* gradients until the last micro-batch.
             self.model.set_requires_gradient_sync(last or self.plan.fsdp.sync_every_micro_batch)
@@ -114,7 +116,7 @@ class TorchEngine(Engine):
             sync = contextlib.nullcontext() if last else self._no_sync()
         with sync:
             with self._autocast():
-                loss = causal_lm_loss(self.model, input_ids, self.loss_head, position_ids)
+                loss = causal_lm_loss(self.model, input_ids, self.loss_head, position_ids, labels)
             scaled = loss / self.plan.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
@@ -249,8 +251,9 @@ class DeepSpeedEngine(Engine):
         self._frozen_excluded = plan.method != "full"
         self.loss_head = chunked_loss_head(model)
 
-    def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        loss = causal_lm_loss(self.engine, input_ids, self.loss_head, position_ids)
+    def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+        loss = causal_lm_loss(self.engine, input_ids, self.loss_head, position_ids, labels)
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # DeepSpeed counts micro-steps; it steps the optimizer only at the boundary

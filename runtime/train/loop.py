@@ -95,7 +95,7 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
             f"{plan.global_batch_sequences * plan.seq_len:,} tokens"
             + (f", {resume.describe(d.world_size)} after step {step}" if resume else ""))
     final = None if resume is None else resume.folder
-    batches = _batches(dataset, sampler, d.device)
+    batches = _batches(dataset, sampler, d.device, sft=plan.objective == "sft")
     eos_token_id = _eos_token_id(plan) if plan.document_boundaries == "separate" else None
     tokens_per_step = plan.global_batch_sequences * plan.seq_len
     mark, steps_since_log = time.perf_counter(), 0
@@ -195,15 +195,16 @@ def _stop_requested(plan: TrainPlan, d: Distributed) -> bool:
     return bool(flag.item())
 
 
-def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[torch.Tensor], step: int,
-          eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | float, float]:
+def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
+          step: int, eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | float, float]:
     """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate).
     With `eos_token_id`, each packed document gets positions of its own and attends only to itself."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
     for micro in range(plan.grad_accum):
-        input_ids = next(batches)
+        input_ids, labels = next(batches)
         positions = None if eos_token_id is None else document_positions(input_ids, eos_token_id)
-        loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1, position_ids=positions).float()
+        loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1, position_ids=positions,
+                                      labels=labels).float()
     lr = lr_at(plan, step)
     return loss_sum / plan.grad_accum, engine.optimizer_step(lr), lr
 
@@ -220,15 +221,25 @@ def _param_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def _batches(dataset: PackedDataset | MixtureDataset, sampler: Sampler, device: torch.device) -> Iterator[torch.Tensor]:
-    """This rank's micro-batches on `device`, epoch after epoch; drawn one at a time so the sampler state stays
-    exact. On a GPU each batch is read into pinned memory and copied without blocking: the copy is queued behind
-    the kernels already launched while the host goes on, so the step never waits on the host for its input."""
+def _batches(dataset: PackedDataset | MixtureDataset, sampler: Sampler, device: torch.device,
+             sft: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """This rank's micro-batches on `device` as (input_ids, labels), epoch after epoch; labels are None (every
+    next token) unless `sft` (the assistant's tokens, `PackedDataset.labels`). Drawn one at a time so the
+    sampler state stays exact. On a GPU each batch is read into pinned memory and copied without blocking: the
+    copy is queued behind the kernels already launched while the host goes on, so the step never waits on the
+    host for its input."""
     pin = device.type == "cuda"
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory().to(device, non_blocking=True) if pin else t
+
     while True:
         for indices in sampler:
-            batch = dataset.batch(indices)
-            yield batch.pin_memory().to(device, non_blocking=True) if pin else batch
+            if sft:
+                labels = dataset.labels(indices)
+                yield move(dataset.batch(indices)), move(labels)
+            else:
+                yield move(dataset.batch(indices)), None
 
 
 def _save(plan: TrainPlan, d: Distributed, engine: Engine, sampler: Sampler, step: int) -> Path:

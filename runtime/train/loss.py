@@ -67,13 +67,21 @@ def chunked_loss_head(model: nn.Module) -> ChunkedLossHead | None:
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, head: ChunkedLossHead | None,
-                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Returns the mean next-token cross-entropy (fp32 scalar) of `input_ids` under `model` (plain, or chunked
     by `head` when the model's head is one). With `position_ids` that restart per packed document, transformers
-    blocks attention across documents (its packed-sequence mask)."""
+    blocks attention across documents (its packed-sequence mask).
+
+    `labels` (sft): input_ids with IGNORE_INDEX where a token is no target; position t is scored on label t + 1,
+    and the loss is the mean over the targets counted (0, not NaN, for a micro-batch without any). None: every
+    next token (labels = input_ids)."""
+    labels = input_ids if labels is None else labels
     if head is None:
-        return model(input_ids=input_ids, labels=input_ids, position_ids=position_ids).loss
-    head.targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
+        if labels is input_ids:
+            return model(input_ids=input_ids, labels=labels, position_ids=position_ids).loss
+        counted = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        return model(input_ids=input_ids, labels=labels, position_ids=position_ids, num_items_in_batch=counted).loss
+    head.targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts token t + 1
     return model(input_ids=input_ids, position_ids=position_ids).logits
 
 
