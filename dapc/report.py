@@ -69,6 +69,7 @@ def summary_lines(plan: Plan) -> list[str]:
         f"activation checkpointing: "
         f"{_checkpointing(plan.activation_checkpointing, plan.activation_checkpointing_every_layers, long=True)}",
         _fewest_line(plan),
+        f"objective: {plan.objective.name}: {escape(plan.objective.targets)} ({escape(plan.objective.reason)})",
         f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
         f"loss: {escape(plan.loss.reason)}",
         f"torch.compile: {escape(plan.torch_compile.reason)}",
