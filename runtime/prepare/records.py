@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sources import PrepareError, Unit, _line_number, _read_bytes
+from .sources import PrepareError, Unit, _line_number, jsonl_lines
 
 __all__ = ["CHATML", "RecordSettings", "encode_record_texts", "pack_records", "read_records", "record_settings",
            "render_record"]
@@ -84,14 +84,7 @@ def read_records(unit: Unit, settings: RecordSettings) -> list[Record]:
     """The unit's records rendered, in order; a located PrepareError for a line that is not a valid record."""
     out = []
     for seg in unit.segments:
-        data = _read_bytes(seg)
-        pos = 0
-        while pos < len(data):
-            nl = data.find(b"\n", pos)
-            end = len(data) if nl < 0 else nl
-            line, offset, pos = data[pos:end], seg.start + pos, end + 1
-            if not line.strip():
-                continue
+        for line, offset in jsonl_lines(seg):
             where = f"{seg.path}:{_line_number(seg.path, offset)}"
             try:
                 record = json.loads(line)

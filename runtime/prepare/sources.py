@@ -182,15 +182,20 @@ def line_numbers(path: str, offsets: Sequence[int]) -> dict[int, int]:
     return lines
 
 
-def _read_jsonl(seg: Segment, text_field: str | None) -> Iterator[Document]:
+def jsonl_lines(seg: Segment) -> Iterator[tuple[bytes, int]]:
+    """Yields the segment's non-blank lines with the byte offset of each in its file."""
     data = _read_bytes(seg)
     pos = 0
     while pos < len(data):
         nl = data.find(b"\n", pos)
         end = len(data) if nl < 0 else nl
         line, offset, pos = data[pos:end], seg.start + pos, end + 1
-        if not line.strip():
-            continue
+        if line.strip():
+            yield line, offset
+
+
+def _read_jsonl(seg: Segment, text_field: str | None) -> Iterator[Document]:
+    for line, offset in jsonl_lines(seg):
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
