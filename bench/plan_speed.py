@@ -1,13 +1,17 @@
 """Cold `dapc plan` wall time for every shipped recipe: a fresh interpreter each run, as a user types it.
 
-    python bench/plan_speed.py [--runs 5]
+    python bench/plan_speed.py [--runs 9]
 
-Prints the median and worst wall seconds per recipe; the target is under 0.3 s cold.
+Times both the printed plan (what a user reads) and `--json`, recipes interleaved so that a burst of load
+on the machine spreads over all of them. Prints the median and worst wall seconds per recipe and output;
+the target is a median under 0.3 s cold. The worst single run is printed beside it: on a shared machine it
+measures the scheduler as much as dapc.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -16,29 +20,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_SECONDS = 0.3
+OUTPUTS = {"printed": [], "json": ["--json"]}
+
+
+def _cold_seconds(recipe: Path, extra: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dapc", "plan", str(recipe), *extra], cwd=REPO,
+                          capture_output=True, env={**os.environ, "COLUMNS": "120"})
+    seconds = time.perf_counter() - start
+    if done.returncode not in (0, 3):  # 3: planned, nothing fits (the 405B QLoRA recipe)
+        raise SystemExit(done.stderr.decode())
+    return seconds
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=9)
     args = parser.parse_args()
     recipes = sorted((REPO / "recipes").glob("*.yaml")) + [REPO / "examples" / "tiny" / "recipe.yaml"]
-    worst_overall = 0.0
-    print(f"{'recipe':55} {'median s':>9} {'worst s':>8}")
-    for recipe in recipes:
-        times = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "dapc", "plan", str(recipe), "--json"], cwd=REPO,
-                                  capture_output=True)
-            if done.returncode not in (0, 3):  # 3: planned, nothing fits (the 405B QLoRA recipe)
-                raise SystemExit(done.stderr.decode())
-            times.append(time.perf_counter() - start)
-        worst_overall = max(worst_overall, max(times))
-        print(f"{recipe.relative_to(REPO).as_posix():55} {statistics.median(times):9.3f} {max(times):8.3f}")
-    verdict = "under" if worst_overall < TARGET_SECONDS else "OVER"
-    print(f"worst cold run {worst_overall:.3f} s: {verdict} the {TARGET_SECONDS} s target")
-    return 0 if worst_overall < TARGET_SECONDS else 1
+    times: dict[tuple[Path, str], list[float]] = {(r, o): [] for r in recipes for o in OUTPUTS}
+    for _ in range(args.runs):
+        for (recipe, output), seconds in times.items():
+            seconds.append(_cold_seconds(recipe, OUTPUTS[output]))
+    print(f"{'recipe':55} {'output':8} {'median s':>9} {'worst s':>8}")
+    worst_median = 0.0
+    for (recipe, output), seconds in times.items():
+        median = statistics.median(seconds)
+        worst_median = max(worst_median, median)
+        print(f"{recipe.relative_to(REPO).as_posix():55} {output:8} {median:9.3f} {max(seconds):8.3f}")
+    verdict = "under" if worst_median < TARGET_SECONDS else "OVER"
+    print(f"slowest median {worst_median:.3f} s: {verdict} the {TARGET_SECONDS} s target "
+          f"(load average {os.getloadavg()[0]:.2f})")
+    return 0 if worst_median < TARGET_SECONDS else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ this says, and the runtime does what it says (plan.json `loading`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 from dapc.strategies import Strategy
@@ -23,6 +24,7 @@ class Loading:
     reason: str
 
 
+@cache  # the planner asks once per memory term of every candidate; the answer depends on the arguments only
 def decide_loading(method: str, strategy: Strategy, model_init: str, precision: str, model_dtype: str,
                    weights_dtype: str = "fp32") -> Loading:
     """Returns how the runtime loads the model for this method, strategy, init, precision and weights dtype."""

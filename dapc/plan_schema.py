@@ -6,7 +6,6 @@ raises `PlanError` (one line naming the file and the key path, exit 2) for anyth
 raw plan dict. `recipe` is the resolved recipe itself (the same pydantic model the compiler validated).
 """
 
-from __future__ import annotations
 
 import hashlib
 import json
@@ -36,7 +35,7 @@ CheckpointMode = Literal[CHECKPOINT_MODES]  # type: ignore[valid-type]
 
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
 
 
 class ParamGroups(_Part):

@@ -3,7 +3,6 @@
 Validators here only check; derived values (tokens, steps, micro-batch, strategy) are the planner's job.
 """
 
-from __future__ import annotations
 
 import re
 from typing import Annotated, Literal
@@ -40,7 +39,7 @@ STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-def
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False, defer_build=True)
 
 
 class ModelSection(Section):
