@@ -46,7 +46,7 @@ class EncodeSettings:
     dtype: str  # of the shards: "uint16" or "uint32"
     tokenizer: TokenizerSource
     filters: SignSettings | None = None
-    records: RecordSettings | None = None  # sft records (chat, prompt-completion) instead of documents
+    records: RecordSettings | None = None  # records (chat, prompt-completion, preference) instead of documents
 
 
 @dataclass
@@ -58,8 +58,8 @@ class UnitResult:
     words: dict[str, int]
     content_tokens: dict[str, int]  # EOS not counted
     pieces: list[Piece] | None = None  # with filters: per document, its signatures; `tokens` then hold no EOS
-    masks: dict[str, np.ndarray] | None = None  # sft records: per split, 1 where `tokens` holds a target (uint8)
-    record_tokens: dict[str, list[int]] | None = None  # sft records: per split, each record's tokens with its EOS
+    masks: dict[str, np.ndarray] | None = None  # records: per split, 1 where `tokens` holds a target (uint8)
+    record_tokens: dict[str, list[int]] | None = None  # records: per split, each one's length with EOS
 
 
 def tokenizer_source(tokenizer, directory: str, scratch: Path) -> TokenizerSource:
@@ -158,8 +158,9 @@ def encode_unit(unit: Unit, settings: EncodeSettings) -> UnitResult:
 
 
 def _encode_records(unit: Unit, settings: EncodeSettings) -> UnitResult:
-    """Returns the unit's sft records per split: tokens, each record followed by EOS, their target mask, and
-    each record's length; `documents` counts records, `content_tokens` their tokens without EOS."""
+    """Returns the unit's records per split: tokens, each record (each half of a preference pair) followed by
+    EOS, their target mask, and each one's length; `documents` counts records (a pair once), `content_tokens`
+    their tokens without EOS. Both halves of a pair share the record's identity, hence its split."""
     records = read_records(unit, settings.records)
     special = settings.records.template_has_special_tokens
     encoded = encode_record_texts(_offsets_encoder_for(settings.tokenizer, special), records)
@@ -173,7 +174,7 @@ def _encode_records(unit: Unit, settings: EncodeSettings) -> UnitResult:
         parts[split] += [ids, np.array([settings.eos_token_id], dtype=np.uint32)]
         masks[split] += [mask, np.array([int(record.ends_with_target)], dtype=np.uint8)]
         lengths[split].append(len(ids) + 1)
-        documents[split] += 1
+        documents[split] += record.opens_record
         words[split] += len(record.text.split())
         content[split] += len(ids)
     mask_arrays = {s: np.concatenate(masks[s]) if masks[s] else np.zeros(0, dtype=np.uint8) for s in SPLITS}

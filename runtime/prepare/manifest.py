@@ -72,9 +72,11 @@ class Manifest:
     splits: dict[str, SplitStats]
     shards: list[ShardInfo] = field(default_factory=list)  # the index: shard files in sample order per split
     filters: FilterStats | None = None  # None: no filter was on (and the manifest has no "filters")
-    # sft records: {"settings": {template, template_sha256, packing}, "splits": {split: counts}}; None for text
+    # records: {"settings": {layout, chat_template, template_sha256, packing, targets}, "splits": {split: counts}};
+    # layout "packed" (chat, prompt-completion: several records per sequence) or "pairs" (preference: sequence 2i
+    # of a split is pair i's chosen, 2i + 1 its rejected, counts with "pairs"); None for documents
     records: dict | None = None
-    loss_masks: list[ShardInfo] = field(default_factory=list)  # sft: uint8 shards beside `shards`, same shapes
+    loss_masks: list[ShardInfo] = field(default_factory=list)  # records: uint8 shards beside `shards`, same shapes
 
     @property
     def words(self) -> int:
@@ -92,7 +94,7 @@ class Manifest:
         return [s for s in self.shards if s.split == split]
 
     def loss_masks_for(self, split: str) -> list[ShardInfo]:
-        """The loss-mask shards of `split` (sft records), one per token shard, in the same order."""
+        """The loss-mask shards of `split` (records), one per token shard, in the same order."""
         return [s for s in self.loss_masks if s.split == mask_split(split)]
 
     def to_dict(self) -> dict:

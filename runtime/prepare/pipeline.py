@@ -68,7 +68,7 @@ from .manifest import (
     mask_split,
     write_json_atomic,
 )
-from .records import pack_records, record_settings
+from .records import PAIR_COUNTERS, lay_out_pairs, pack_records, record_settings
 from .shards import ResumeMismatch, SplitWriter
 from .sources import InputFile, PrepareError, hash_file, plan_units
 from .workers import Workers
@@ -187,8 +187,9 @@ def _tokenize(out: Path, base: Manifest, settings: EncodeSettings, filters: Call
         _say(console, f"{escape(str(out))} already holds this preparation (fingerprint {fingerprint[:12]})")
         _report(console, out, done, None)
         return done
+    layout = base.records["settings"]["layout"] if base.records is not None else None
     run = _Run(out, base.seq_len, base.dtype, base.packing["shard_sequences"], fingerprint, console, filters,
-               settings.eos_token_id, records=base.records is not None)
+               settings.eos_token_id, layout=layout)
     try:
         plan = partial(plan_units, base.files, base.data_format, base.text_field, unit_bytes)
         run.restore(lambda done: pool.ordered(sign_unit, itertools.islice(plan(), done), settings))
@@ -217,10 +218,14 @@ class _Run:
     """The mutable state of one preparation: writers, counters, filters, position, and the progress record."""
 
     def __init__(self, out: Path, seq_len: int, dtype: str, shard_sequences: int, fingerprint: str, console,
-                 new_filters: Callable[[], FilterState] | None = None, eos_token_id: int = 0, records: bool = False):
+                 new_filters: Callable[[], FilterState] | None = None, eos_token_id: int = 0,
+                 layout: str | None = None):
         self.out, self.seq_len, self.dtype, self.shard_sequences = out, seq_len, dtype, shard_sequences
-        self.records = records  # sft: records packed whole, and a loss-mask writer per split beside the tokens'
-        self.record_counters = {s: dict.fromkeys(_RECORD_COUNTERS, 0) for s in SPLITS}
+        # records: a loss-mask writer per split beside the tokens'; "packed" (sft) several records per sequence,
+        # "pairs" (preference) one sequence per half of a pair; None: documents
+        self.layout, self.records = layout, layout is not None
+        counters = PAIR_COUNTERS if layout == "pairs" else _RECORD_COUNTERS
+        self.record_counters = {s: dict.fromkeys(counters, 0) for s in SPLITS}
         self.mask_writers: dict[str, SplitWriter] = {}
         self.fingerprint, self.console = fingerprint, console
         self.next_unit = self.input_bytes_done = self.tokens_this_run = 0
@@ -306,16 +311,22 @@ class _Run:
             self.checkpoint()
 
     def _add_records(self, split: str, result: UnitResult) -> int:
-        """Packs the unit's records of `split` whole (`pack_records`) into the token and mask writers."""
-        tokens, mask, counts = pack_records(result.tokens[split], result.masks[split], result.record_tokens[split],
-                                            len(self.writers[split].carry), self.seq_len, self.eos_token_id)
+        """Lays the unit's records of `split` out (`pack_records` whole, or `lay_out_pairs`) into the token and
+        mask writers."""
+        if self.layout == "pairs":
+            tokens, mask, counts = lay_out_pairs(result.tokens[split], result.masks[split],
+                                                 result.record_tokens[split], self.seq_len, self.eos_token_id)
+        else:
+            tokens, mask, counts = pack_records(result.tokens[split], result.masks[split],
+                                                result.record_tokens[split], len(self.writers[split].carry),
+                                                self.seq_len, self.eos_token_id)
         for key, n in counts.items():
             self.record_counters[split][key] += n
         self.mask_writers[split].add(mask)
         return self.writers[split].add(tokens)
 
     def _pad_last_sequence(self, split: str) -> None:
-        """sft: pads the last partial sequence with EOS (not a target) instead of dropping its records."""
+        """Records: pads the last partial sequence with EOS (not a target) instead of dropping its records."""
         short = (self.seq_len - len(self.writers[split].carry)) % self.seq_len
         if short:
             self.writers[split].add(np.full(short, self.eos_token_id, dtype=np.uint32))
@@ -474,6 +485,13 @@ def _report(console: Console | None, out: Path, m: Manifest, timing: tuple[float
         )
     if m.records is not None:
         for split, r in m.records["splits"].items():
+            if m.records["settings"]["layout"] == "pairs":
+                _say(console, f"{split}: {r['pairs']:,} preference pairs → {2 * r['pairs']:,} sequences (chosen, "
+                     f"rejected), {r['target_tokens']:,} target tokens; {r['truncated_sequences']:,} sequences "
+                     f"longer than seq_len truncated ({r['truncated_tokens']:,} tokens cut), "
+                     f"{r['pairs_without_targets']:,} pairs with a half left without targets, "
+                     f"{r['padding_tokens']:,} padding tokens")
+                continue
             _say(console, f"{split}: {r['records']:,} records, {r['target_tokens']:,} target tokens; "
                  f"{r['truncated_records']:,} longer than seq_len truncated ({r['truncated_tokens']:,} tokens cut), "
                  f"{r['padding_tokens']:,} padding tokens")
