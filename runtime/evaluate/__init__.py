@@ -1,8 +1,9 @@
 """Evaluation before and after domain adaptation: multiple-choice benchmarks (CTI-MCQ, CyberMetric,
 SecEval) scored by log-likelihood or by generation with each benchmark's official answer rule, and
-perplexity on domain and general text; or responses produced elsewhere, scored by the same rules.
-`run_evaluation` and `evaluate_responses` are the entry points; `python -m runtime.evaluate` is their
-command line."""
+perplexity on domain and general text, for any number of models side by side (base -> CPT -> SFT
+-> DPO); or responses produced elsewhere, scored by the same rules. `evaluate_models` (N model
+directories), `run_evaluation` (a model and its base) and `evaluate_responses` are the entry points;
+`python -m runtime.evaluate` is their command line."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from runtime.evaluate.from_responses import evaluate_responses
     from runtime.evaluate.hf_model import HFModel
     from runtime.evaluate.output import EvaluationResult
-    from runtime.evaluate.run import run_evaluation
+    from runtime.evaluate.run import evaluate_models, run_evaluation
 
 # Loaded on first use: the model and the model evaluation import torch and transformers, which
 # scoring supplied responses (`dapc eval --responses`) must not need; the writers import matplotlib,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 # submodule: importing the submodule would set the package attribute to the module.
 _LAZY = {
     "EvaluationResult": "runtime.evaluate.output",
+    "evaluate_models": "runtime.evaluate.run",
     "evaluate_responses": "runtime.evaluate.from_responses",
     "HFModel": "runtime.evaluate.hf_model",
     "run_evaluation": "runtime.evaluate.run",
@@ -51,6 +53,7 @@ __all__ = [
     "Question",
     "TextSource",
     "TopicScore",
+    "evaluate_models",
     "evaluate_responses",
     "perplexity",
     "run_evaluation",

@@ -1,6 +1,7 @@
-"""`python -m runtime.evaluate`: parse the flags, call `run_evaluation` (score models) or
-`evaluate_responses` (score answers produced elsewhere), exit 2 on a DapcError. Scoring responses
-imports neither torch nor transformers."""
+"""`python -m runtime.evaluate`: parse the flags, call `evaluate_models` (score one or several model
+directories side by side), `run_evaluation` (a model and its `--compare-to` base, or a plan's export and
+its base) or `evaluate_responses` (score answers produced elsewhere), exit 2 on a DapcError. Scoring
+responses imports neither torch nor transformers; model directories are checked before torch loads."""
 
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ from typing import NoReturn
 from dapc.errors import DapcError
 from runtime.errors import print_error
 from runtime.evaluate.benchmarks import BENCHMARKS
+from runtime.evaluate.model_dirs import named_models, parse_model
 from runtime.evaluate.scoring import MODES
 
 # Flags that only a model evaluation reads: refused beside --responses when set.
-_MODEL_FLAGS = ("plan", "model", "compare_to", "general_text", "domain_text", "mode", "k_shot", "limit",
-                "max_new_tokens", "ppl_seq_len", "ppl_max_tokens", "batch_tokens", "device")
+_MODEL_FLAGS = ("plan", "model", "compare_to", "no_baseline", "general_text", "domain_text", "mode", "k_shot",
+                "limit", "max_new_tokens", "ppl_seq_len", "ppl_max_tokens", "batch_tokens", "device")
 _ID_RULES = "\n".join(f"    {b.name}: {b.id_rule}" for b in BENCHMARKS.values())
 _EPILOG = f"""\
+comparing model directories (base -> CPT -> SFT -> DPO):
+  --model is repeatable: every model is scored on the same benchmarks and texts with the same settings
+  (mode, k-shot, limit, perplexity windows), one loaded at a time, in the order given. The table has a
+  column per model, headed NAME, or DIR as given, and each later model's change from the first
+  (--no-baseline: none). --compare-to DIR is scored first, as the base. One --model DIR, with or
+  without --compare-to, keys results.json "model" and "compare_to" and heads the columns
+  "model: FOLDER" and "base: FOLDER", as --plan does. A LoRA export holding only adapters is no model
+  directory: train it with checkpoint.merge_lora: true. Example:
+    dapc eval --model cpt=runs/chain-cpt/export --model sft=runs/chain-sft/export \\
+      --model dpo=runs/chain-dpo/export --benchmark cti-mcq=cti-mcq.tsv --domain-text held-out/ --out eval
+
 scoring responses produced elsewhere (no model is loaded):
   --responses MODEL:BENCHMARK=FILE names a JSONL file of one model's answers to one benchmark,
   one object per line: {{"id": ..., "response": "the model's full answer text"}}. Each response is
@@ -36,6 +49,13 @@ def _benchmark(value: str) -> tuple[str, str]:
     if not sep or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=PATH with NAME one of {', '.join(BENCHMARKS)}, got {value!r}")
     return name, path
+
+
+def _model(value: str) -> tuple[str | None, str]:
+    try:
+        return parse_model(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _responses(value: str) -> tuple[str, str, str]:
@@ -60,14 +80,27 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m runtime.evaluate",
-        description="Score a model, and the model it was adapted from, on security benchmarks and perplexity; "
-        "or score responses produced elsewhere, for any number of models.",
+        description="Score model directories side by side (a model and the base it was adapted from, or a "
+        "chain base -> CPT -> SFT -> DPO) on security benchmarks and perplexity; or score responses produced "
+        "elsewhere, for any number of models.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--plan", help="plan.json: evaluate its export against its base, as its recipe's eval says")
-    parser.add_argument("--model", help="Hugging Face model directory to evaluate (the adapted model)")
-    parser.add_argument("--compare-to", help="model directory to compare with (the base model)")
+    parser.add_argument(
+        "--model",
+        type=_model,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="Hugging Face model directory to evaluate, its column headed NAME (repeatable: one column per "
+        "model, in this order, the first the base); see below",
+    )
+    parser.add_argument("--compare-to", metavar="DIR", help="the base model directory, scored first")
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="with several --model: no change columns (the first model is not the others' base)",
+    )
     parser.add_argument(
         "--benchmark",
         type=_benchmark,
@@ -121,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out:
             parser.error("--responses needs --out DIR")
     elif args.baseline:
-        parser.error("--baseline names one of the --responses models; with --model, the base is --compare-to")
+        parser.error("--baseline names one of the --responses models; with --model, the first model is the base "
+                     "(or --compare-to DIR)")
     elif not args.plan and not (args.model and args.out):
         parser.error("give --plan plan.json, or --model DIR and --out DIR, or --responses MODEL:BENCHMARK=FILE")
+    elif args.no_baseline and args.compare_to:
+        parser.error("--no-baseline contradicts --compare-to, which names the base: drop one")
     try:
         if args.responses:
             return _score_responses(args)
@@ -132,26 +168,34 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_from_plan(args.plan, device=args.device)
             return 0
-        from runtime.evaluate.run import run_evaluation  # imports torch and transformers
-
-        run_evaluation(
-            args.model,
-            dict(args.benchmark),
-            args.out,
-            compare_to=args.compare_to,
-            general_text=args.general_text,
-            domain_text=args.domain_text,
-            mode=args.mode,
-            k_shot=args.k_shot,
-            limit=args.limit,
-            max_new_tokens=args.max_new_tokens,
-            ppl_seq_len=args.ppl_seq_len,
-            ppl_max_tokens=args.ppl_max_tokens,
-            device=args.device,
-            batch_tokens=args.batch_tokens,
-        )
+        return _score_models(args)
     except DapcError as e:
         return print_error(e)
+
+
+def _score_models(args: argparse.Namespace) -> int:
+    options = {
+        "general_text": args.general_text,
+        "domain_text": args.domain_text,
+        "mode": args.mode,
+        "k_shot": args.k_shot,
+        "limit": args.limit,
+        "max_new_tokens": args.max_new_tokens,
+        "ppl_seq_len": args.ppl_seq_len,
+        "ppl_max_tokens": args.ppl_max_tokens,
+        "device": args.device,
+        "batch_tokens": args.batch_tokens,
+    }
+    [(name, path), *more] = args.model
+    if name is None and not more:  # today's form: results keyed "model" and "compare_to"
+        from runtime.evaluate.run import run_evaluation  # imports torch and transformers
+
+        run_evaluation(path, dict(args.benchmark), args.out, compare_to=args.compare_to, **options)
+        return 0
+    models = named_models(args.model, args.compare_to)  # a bad directory fails before torch loads
+    from runtime.evaluate.run import evaluate_models
+
+    evaluate_models(models, dict(args.benchmark), args.out, baseline=not args.no_baseline, **options)
     return 0
 
 

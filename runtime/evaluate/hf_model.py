@@ -13,18 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from dapc.errors import DapcError
 from runtime.evaluate.common import Prompt
+from runtime.evaluate.model_dirs import model_dir
 
 # Default number of token positions (rows x padded length) in one forward pass.
 DEFAULT_BATCH_TOKENS = 16384
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def model_dir(path: str | Path) -> Path:
-    """`path` resolved, when it is a Hugging Face model directory (has config.json); else a DapcError."""
-    if not (Path(path) / "config.json").is_file():
-        raise DapcError("model not found: expected a Hugging Face model directory with config.json", str(path))
-    return Path(path).resolve()
 
 
 class HFModel:
