@@ -40,6 +40,10 @@ def _qlora(s: Setting) -> bool:
     return s.recipe.method.name == "qlora"
 
 
+def _reference_copy(s: Setting) -> bool:
+    return s.recipe.training.objective == "dpo" and s.recipe.method.name == "full"
+
+
 def _uneven_rows(s: Setting) -> list[str]:
     return [f"{name} ({rows} rows)" for name, (_, rows) in decoder_linear_shapes(s.arch).items() if rows % s.shard]
 
@@ -79,6 +83,11 @@ INCOMPATIBLE: tuple[Incompatibility, ...] = (
                     lambda s: _qlora(s) and bool(_ragged_blocks(s)),
                     lambda s: f"NF4 needs every decoder Linear's input width divisible by {NF4_BLOCK}: "
                               f"{', '.join(_ragged_blocks(s))}"),
+    Incompatibility(("strategy",),
+                    lambda s: _reference_copy(s) and s.strategy.params_on != "gpu",
+                    lambda s: "dpo with full training holds a frozen reference copy of the model, which the runtime "
+                              "keeps on the GPUs; with parameter offload it would not be offloaded: use a strategy "
+                              "that keeps parameters on the GPU, or LoRA (whose reference needs no copy)"),
     Incompatibility(("hardware", "gpus_per_node"),
                     lambda s: _qlora(s) and s.strategy.backend == "fsdp2" and bool(_uneven_rows(s)),
                     lambda s: f"FSDP2 shards NF4 weights by rows over {s.shard} GPUs, which must divide every "

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from dapc.errors import DapcError
 
-FORMATS = ("text", "jsonl", "parquet", "chat", "prompt-completion")
-# What a directory contributes, per format; a file named directly or matched by a glob is taken as it is.
-SUFFIXES = {"text": (".txt", ".md", ".text", ".rst"), "jsonl": (".jsonl", ".ndjson", ".json"), "parquet": (".parquet",),
-            "chat": (".jsonl", ".ndjson", ".json"), "prompt-completion": (".jsonl", ".ndjson", ".json")}
+_JSON_LINES = (".jsonl", ".ndjson", ".json")
+# What a directory contributes, per format (recipe data.format); a file named directly or matched by a glob is
+# taken as it is.
+SUFFIXES = {"text": (".txt", ".md", ".text", ".rst"), "jsonl": _JSON_LINES, "parquet": (".parquet",),
+            "chat": _JSON_LINES, "prompt-completion": _JSON_LINES, "preference": _JSON_LINES}
+FORMATS = tuple(SUFFIXES)
 _GLOB_CHARS = "*?["
 
 
@@ -96,3 +98,15 @@ def _nothing_matches(entry: str, fmt: str) -> str:
 
 def _why(error: Exception) -> str:
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def count_records(files: tuple[CorpusFile, ...] | list[CorpusFile]) -> int:
+    """Returns the non-blank lines of JSONL `files`: one record each, as `prepare` reads them."""
+    count = 0
+    for f in files:
+        try:
+            with open(f.path, "rb") as handle:
+                count += sum(1 for line in handle if line.strip())
+        except OSError as e:
+            raise CorpusError(f"corpus file {f.path} cannot be read: {_why(e)}") from e
+    return count

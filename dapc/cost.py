@@ -23,7 +23,7 @@ def matmul_params(params: ParamCounts) -> int:
 
 
 def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, method: str, recompute: float,
-                    chunked_loss: bool = False) -> float:
+                    chunked_loss: bool = False, reference_forward: bool = False) -> float:
     """Returns training FLOPs per token.
 
     PaLM (Chowdhery et al. 2022, Appendix B): 6·N + 12·L·H·Q·T per token for forward and backward,
@@ -31,7 +31,8 @@ def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, metho
     (LoRA/QLoRA) backward skips the weight gradients: 4·N instead of 6·N (adapters are negligible).
     Full activation recomputation adds one more forward of the decoder layers: 2·N + 4·L·H·Q·T, times
     `recompute`, the share of layers that recompute (1 for all; ceil(L/k)/L checkpointing every k-th; 0 for
-    none). The chunked loss recomputes the LM head's forward in backward: 2·h·V.
+    none). The chunked loss recomputes the LM head's forward in backward: 2·h·V. DPO's reference model scores
+    every token once more, forward only (`reference_forward`): 2·N + 4·L·H·Q·T.
     """
     n = matmul_params(params)
     attention = arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_len
@@ -40,6 +41,8 @@ def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, metho
         flops += recompute * (2 * n + 4 * attention)
     if chunked_loss:
         flops += 2 * arch.hidden_size * arch.vocab_size
+    if reference_forward:
+        flops += 2 * n + 4 * attention
     return float(flops)
 
 

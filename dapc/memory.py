@@ -52,6 +52,15 @@ CPU_PROCESS_BASELINE_BYTES = 560 * 1024**2
 # of six runs with the threshold at 128 KiB (the tiny example under DDP, FSDP2 and ZeRO-2; a 4-layer
 # 512-wide Llama off, selective and full; tests/test_train_checkpointing.py): 440 MiB, each within 10%.
 CPU_PROCESS_BASELINE_FIXED_MMAP_BYTES = 440 * 1024**2
+# The threshold a CPU-device plan fixes for its training processes where the recipe sets none (plan.json
+# runtime.env): with glibc's dynamic one, the 2 MiB-aligned allocations of transparent huge pages
+# (runtime/train/host_allocator.py) land in the heap once the threshold has risen, fragment it, and the resident
+# set creeps up every step (the tiny example at seq_len 256 under LoRA DPO: 1,406 to 1,595 MiB over 44 steps),
+# which no plan can promise. Fixed at 2 MiB, every huge-page tensor is mapped and unmapped on free while smaller
+# ones still reuse the heap: 1,411 to 1,431 MiB over the same 44 steps, flat after the 7th, within the
+# 560 MiB-baseline fit above (1.09 at step 44), and as fast (bench/train_throughput.py: 1.24x HF Trainer; at
+# 128 KiB the small tensors' page faults cost it 0.97x).
+CPU_MMAP_THRESHOLD_BYTES = 2 * 1024**2
 # DeepSpeed's engine on the CPU accelerator peaks above the FSDP2 run of the same model by 70-120 MiB over
 # a 12-step run (its flat partition buffers, the shm/gloo comm setup): measured, not derived.
 CPU_DEEPSPEED_EXTRA_BYTES = 96 * 1024**2
@@ -100,6 +109,7 @@ class Workload:
     cpu_fixed_mmap_threshold: bool = False  # MALLOC_MMAP_THRESHOLD_ set for the training processes (CPU device)
     checkpoint_every_layers: int = 1  # under full checkpointing, every k-th layer is checkpointed
     document_masks: bool = False  # data.document_boundaries separate: a packed-document attention mask
+    reference_copy: bool = False  # dpo with full training: a frozen copy of the starting model in the compute dtype
 
     @property
     def checkpointed_layers(self) -> int:
@@ -201,6 +211,12 @@ def weights(w: Workload) -> Figure:
         base, base_formula = w.params.total * w.base_bytes, f"N·{w.base_bytes} frozen ({w.loading.base_dtype})"
     else:
         base, base_formula = 0, ""
+    if w.reference_copy:
+        # runtime/train/preference.py: the reference is built like the policy, cast to the compute dtype, frozen, and
+        # sharded like the policy's parameters (FSDP2 units, ZeRO-3 partitions), else whole on every rank.
+        ref_formula = f"N·{w.compute_bytes} frozen dpo reference copy"
+        base, base_formula = base + w.params.total * w.compute_bytes, " + ".join(
+            f for f in (base_formula, ref_formula) if f)
     total = (base + trained) // d
     formula = " + ".join(f for f in (base_formula, trained_formula) if f)
     return Figure(total, f"({formula}) / D={d}" if d > 1 else formula)

@@ -15,7 +15,7 @@ from typing import Any
 from dapc.lock import MISTRAL_COMMON_PREFIX
 from dapc.planner import PlanInputError
 from dapc.recipe import Recipe
-from dapc.recipe.schema import RECORD_FORMATS
+from dapc.recipe.schema import PREFERENCE_OBJECTIVES, RECORD_FORMATS
 
 __all__ = ["objective_decision", "tokenizer_has_chat_template"]
 
@@ -46,34 +46,65 @@ def objective_decision(recipe: Recipe) -> dict[str, Any]:
     if objective == "cpt":
         records = next((f for f in formats if f in RECORD_FORMATS), None)
         if records is not None:
-            raise PlanInputError(f"format {records} holds supervised fine-tuning records; set training.objective "
-                                 "sft, or give text, jsonl or parquet documents", ("data", "format"))
-        return {"name": "cpt", "data_format": d.format, "chat_template": None,
+            raise PlanInputError(f"format {records} holds records, not documents; set training.objective sft (chat, "
+                                 "prompt-completion) or dpo/orpo (preference), or give text, jsonl or parquet "
+                                 "documents", ("data", "format"))
+        return {"name": "cpt", "data_format": d.format, "chat_template": None, "preference": None,
                 "targets": "every next token (labels = input_ids)", "reason": "training.objective cpt"}
     if not d.paths or d.replay is not None:
         where = ("data", "replay") if d.paths else ("data", "sources")
-        raise PlanInputError("objective sft reads one set of records: give them as data.paths (sources and replay "
-                             "mix packed text, not records)", where)
-    if d.format not in RECORD_FORMATS:
-        raise PlanInputError(f"objective sft needs chat or prompt-completion records, not format {d.format}",
-                             ("data", "format"))
+        raise PlanInputError(f"objective {objective} reads one set of records: give them as data.paths (sources and "
+                             "replay mix packed text, not records)", where)
+    preference = objective in PREFERENCE_OBJECTIVES
+    if preference != (d.format == "preference") or d.format not in RECORD_FORMATS:
+        wanted = "preference pairs (format preference)" if preference else "chat or prompt-completion records"
+        raise PlanInputError(f"objective {objective} needs {wanted}, not format {d.format}", ("data", "format"))
     if d.dedup.exact or d.dedup.near or d.decontamination.enabled is True:
         key = ("data", "decontamination", "enabled") if d.decontamination.enabled is True else ("data", "dedup")
-        raise PlanInputError("deduplication and decontamination read documents, not chat records; turn them off "
-                             "for objective sft", key)
+        raise PlanInputError("deduplication and decontamination read documents, not records; turn them off "
+                             f"for objective {objective}", key)
+    if preference:
+        base = {"name": objective, "data_format": d.format, "preference": _preference(recipe),
+                "targets": "the chosen and the rejected response's tokens and the EOS after each: their summed "
+                "log-probabilities score the pair" if objective == "dpo" else "the chosen response's tokens (NLL) "
+                "and both responses' mean log-probabilities (odds ratio)"}
+        template = _chat_template(recipe)
+        return {**base, **template, "reason": f"training.objective {objective}; {template['reason']} for pairs "
+                "whose prompt is a list of messages (a string prompt is joined as prompt + response)"}
     targets = ("the assistant turns' tokens, each turn's end marker included, and the EOS after a record that ends "
                "with one" if d.format == "chat" else "the completion's tokens and the EOS after it")
-    base = {"name": "sft", "data_format": d.format, "targets": targets}
+    base = {"name": "sft", "data_format": d.format, "targets": targets, "preference": None}
     if d.format == "prompt-completion":
         return {**base, "chat_template": None, "reason": "prompt-completion records are joined as prompt + "
                 "completion, no template"}
+    return {**base, **_chat_template(recipe)}
+
+
+def _preference(recipe: Recipe) -> dict[str, Any]:
+    p, method, objective = recipe.training.preference, recipe.method.name, recipe.training.objective
+    if objective == "orpo":
+        reference, why = "none", "orpo is reference-free"
+    elif method in ("lora", "qlora"):
+        reference, why = "adapters-off", (f"{method}: the reference is the base with the adapters disabled, the model "
+                                          "before any update; no copy is held")
+    else:
+        reference, why = "copy", ("full training changes the weights themselves: a frozen copy of the starting model, "
+                                  "sharded like the policy, in training.precision")
+    return {"loss": "sigmoid" if objective == "dpo" else "orpo", "beta": p.beta,
+            "label_smoothing": p.label_smoothing if objective == "dpo" else 0.0, "reference": reference,
+            "reference_reason": why, "sequences_per_example": 2}
+
+
+def _chat_template(recipe: Recipe) -> dict[str, Any]:
+    """The chat template records are rendered with: `chat_template` and its `reason`."""
+    d = recipe.data
     if d.chat_template != "auto":
-        return {**base, "chat_template": d.chat_template, "reason": f"data.chat_template {d.chat_template}"}
+        return {"chat_template": d.chat_template, "reason": f"data.chat_template {d.chat_template}"}
     has = tokenizer_has_chat_template(d.tokenizer or recipe.model.source)
     if has is None:
         raise PlanInputError(f"chat_template auto cannot tell whether tokenizer {d.tokenizer!r} has a chat "
                              "template (not a local directory); name one: chatml", ("data", "chat_template"))
     if has:
-        return {**base, "chat_template": "tokenizer", "reason": "auto: the tokenizer's own chat_template"}
-    return {**base, "chat_template": "chatml", "reason": "auto: the tokenizer has no chat_template; the built-in "
+        return {"chat_template": "tokenizer", "reason": "auto: the tokenizer's own chat_template"}
+    return {"chat_template": "chatml", "reason": "auto: the tokenizer has no chat_template; the built-in "
             "chatml, as plain text"}

@@ -12,10 +12,19 @@ from dapc import __version__
 from dapc.cost import flops_per_token, run_cost
 from dapc.kernels import decide_compile
 from dapc.lock import installed_versions, python_version, tokenizer_identity
-from dapc.memory import GIB
+from dapc.memory import CPU_MMAP_THRESHOLD_BYTES, GIB
 from dapc.objective import objective_decision
 from dapc.plan_schema import SCHEMA_VERSION, Plan, Schedule, sha256_of, trajectory_of
-from dapc.planner import COMPONENTS, Candidate, Decision, PlanInputError, expandable_segments, loss_decision
+from dapc.planner import (
+    COMPONENTS,
+    Candidate,
+    Decision,
+    PlanInputError,
+    expandable_segments,
+    loss_decision,
+    reference_forward,
+    tokens_per_optimizer_step,
+)
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
 from dapc.schedule import key_points
@@ -60,11 +69,14 @@ def _paths(spec: Spec) -> dict[str, str]:
 
 
 def _training_env(spec: Spec) -> dict[str, str]:
-    """The training processes' environment: the recipe's `launch.env`, plus the CUDA allocator mode the memory
-    model assumed (on GPUs, where the recipe does not set PYTORCH_CUDA_ALLOC_CONF itself)."""
+    """The training processes' environment: the recipe's `launch.env`, plus the allocator settings the memory
+    model assumed where the recipe does not set them itself: the CUDA allocator mode on GPUs, glibc's fixed mmap
+    threshold on the CPU device."""
     env = dict(spec.recipe.launch.env)
     if not spec.device.is_cpu and "PYTORCH_CUDA_ALLOC_CONF" not in env and expandable_segments(spec.recipe):
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if spec.device.is_cpu:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(CPU_MMAP_THRESHOLD_BYTES))  # dapc.memory: no heap creep
     return env
 
 
@@ -230,7 +242,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "micro_batch": c.micro_batch,
             "grad_accum": c.grad_accum,
             "global_batch_sequences": spec.global_batch_sequences,
-            "global_batch_tokens": spec.global_batch_sequences * r.data.seq_len,
+            "global_batch_tokens": tokens_per_optimizer_step(spec),
             "global_batch_origin": spec.global_batch_sequences_origin,
             "world_size": spec.world_size,
             "nodes": hw.nodes,
@@ -256,12 +268,13 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
         "cost": {
             "tokens": decision.tokens,
             "tokens_exact": decision.tokens_exact,
-            "tokens_per_byte_assumed": None if decision.tokens_exact else r.data.tokens_per_byte,
+            "tokens_per_byte_assumed": None if decision.tokens_exact or r.data.format == "preference"
+            else r.data.tokens_per_byte,  # preference: pairs are counted, each padded to seq_len
             "corpus_bytes": spec.corpus_bytes,
             "corpus_files": spec.corpus_files,
             "flops_per_token": _rounded(flops_per_token(
                 spec.arch, spec.params, r.data.seq_len, r.method.name,
-                _recompute_share(spec, c), loss.chunk_tokens > 0)),
+                _recompute_share(spec, c), loss.chunk_tokens > 0, reference_forward(spec))),
             "assumed_mfu": hw.assumed_mfu,
             "compute_seconds": _rounded(cost_step.compute_seconds),
             "comm_seconds": _rounded(cost_step.comm_seconds),
@@ -295,7 +308,8 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
             "preemption": preemption,
             "tracking": _tracking(spec),
         },
-        "provenance": {"dapc_version": __version__, "model_config_path": spec.arch.config_path, "lock": {
+        "provenance": {"dapc_version": __version__, "model_config_path": spec.arch.config_path,
+                       "model_source": asdict(spec.model_source), "lock": {
             "python": python_version(), "packages": installed_versions(),
             "tokenizer_sha256": tokenizer_identity(r.data.tokenizer) if r.data.tokenizer else None,
             "corpus_sha256": None}},

@@ -18,9 +18,9 @@ from dapc.dtypes import Precision
 from dapc.errors import DapcError
 from dapc.loading import LoadMode
 from dapc.memory import CHECKPOINT_MODES
-from dapc.recipe.schema import Recipe, StrategyName
+from dapc.recipe.schema import DataFormat, Recipe, StrategyName
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MAX_PLAN_BYTES = 64 * 1024**2  # a plan is kilobytes; anything this large is not one
 Counter = Literal["cuda.max_memory_reserved", "cuda.max_memory_allocated", "cpu.vm_hwm"]
 Backend = Literal["ddp", "fsdp2", "deepspeed"]
@@ -77,7 +77,8 @@ class StrategyInfo(_Part):
 
 
 class Batch(_Part):
-    """The batch geometry: micro_batch × grad_accum × world_size = global_batch_sequences."""
+    """The batch geometry: micro_batch × grad_accum × world_size = global_batch_sequences (dpo/orpo: pairs, two
+    sequences each; global_batch_tokens counts both)."""
     seq_len: int = Field(ge=1)
     micro_batch: int = Field(ge=1)
     grad_accum: int = Field(ge=1)
@@ -208,7 +209,7 @@ class Source(_Part):
 
     name: str
     role: Literal["domain", "replay"]
-    format: Literal["text", "jsonl", "parquet", "chat", "prompt-completion"]
+    format: DataFormat
     text_field: str | None = Field(description="The field holding the text; null for plain text.")
     files: tuple[CorpusFileInfo, ...] = Field(min_length=1)
     total_bytes: int = Field(ge=0)
@@ -249,15 +250,33 @@ class Corpus(_Part):
     decontamination: Decontamination | None
 
 
-class Objective(_Part):
-    """What the trainer learns (`dapc.objective`): every next token (cpt), or only the assistant's (sft), and how
-    `prepare` turns chat records into text: the tokenizer's own template or a built-in one."""
+class Preference(_Part):
+    """How dpo/orpo score a preference pair (`dapc.objective`, runtime/train/preference.py): the loss, its weight,
+    and where the reference log-probabilities come from."""
 
-    name: Literal["cpt", "sft"]
+    loss: Literal["sigmoid", "orpo"] = Field(description="sigmoid: DPO (Rafailov et al. 2023, eq. 7); orpo: the "
+                                             "chosen response's NLL plus λ·odds-ratio term (Hong et al. 2024).")
+    beta: float
+    label_smoothing: float
+    reference: Literal["copy", "adapters-off", "none"] = Field(
+        description="copy: a frozen copy of the starting model, sharded like the policy; adapters-off: the LoRA "
+        "base with its adapters disabled (no copy); none: reference-free (orpo).")
+    reference_reason: str
+    sequences_per_example: int = Field(description="Sequences one example puts through the model: chosen and "
+                                       "rejected.")
+
+
+class Objective(_Part):
+    """What the trainer learns (`dapc.objective`): every next token (cpt), only the assistant's (sft), or which of
+    two responses is preferred (dpo, orpo); and how `prepare` turns records into text: the tokenizer's own chat
+    template or a built-in one."""
+
+    name: Literal["cpt", "sft", "dpo", "orpo"]
     data_format: str
     chat_template: Literal["tokenizer", "chatml"] | None = Field(description="null: no template applies.")
     targets: str = Field(description="Which tokens are loss targets.")
     reason: str
+    preference: Preference | None = Field(description="dpo/orpo only.")
 
 
 class Loading(_Part):
@@ -374,17 +393,27 @@ class Lock(_Part):
                                                  "`dapc render` (None in `dapc plan`, which does not read them).")
 
 
+class ModelSourceInfo(_Part):
+    """Where the model's config was read (`dapc.models.source`): a catalog entry, a folder, the HF cache, or the
+    plan of a run that will export the model (a stage planned before the stage it starts from has run)."""
+
+    kind: Literal["catalog", "folder", "hf-cache", "export-of-plan"]
+    producer_plan: str | None = Field(description="export-of-plan: that run's plan.json.")
+    producer_plan_sha256: str | None = Field(description="export-of-plan: that plan's plan_sha256.")
+
+
 class Provenance(_Part):
     """Where the plan came from; outside both hashes."""
     dapc_version: str
     model_config_path: str
+    model_source: ModelSourceInfo
     lock: Lock
 
 
 class Plan(_Part):
     """The whole plan. Everything but `provenance` is covered by `plan_sha256`."""
 
-    schema_version: Literal[4]
+    schema_version: Literal[5]
     recipe: Recipe
     recipe_sha256: str
     plan_sha256: str

@@ -10,11 +10,13 @@ from math import ceil
 
 from dapc import cost, memory, memory_loading
 from dapc.compat import Setting, refusal
+from dapc.corpus import CorpusError, count_records
 from dapc.errors import DapcError
-from dapc.loading import Loading
 from dapc.kernels import LossDecision, decide_loss
+from dapc.loading import Loading
 from dapc.memory import CHECKPOINT_MODES, GIB, Workload
 from dapc.models import lora_trainable_params
+from dapc.recipe.schema import PREFERENCE_OBJECTIVES
 from dapc.resolve import Spec
 from dapc.sources import PlannedSource, SourcePlanError, plan_sources
 from dapc.strategies import PREFERENCE_ORDER, STRATEGIES, Strategy
@@ -148,14 +150,18 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: s
         arch=spec.arch, params=spec.params, method=r.method.name, trainable_params=spec.trainable_params,
         precision=r.training.precision, optimizer=r.training.optimizer, strategy=strategy,
         world_size=spec.world_size, gpus_per_node=r.hardware.gpus_per_node, nodes=r.hardware.nodes,
-        micro_batch=micro_batch, seq_len=r.data.seq_len, activation_checkpointing=checkpointing,
+        micro_batch=micro_batch * sequences_per_example(r.training.objective), seq_len=r.data.seq_len,
+        activation_checkpointing=checkpointing,
         lora_dropout=r.method.lora.dropout, lora_targets=tuple(r.method.lora.target_modules),
         nf4_double_quant=r.method.double_quant, on_cpu=spec.device.is_cpu, model_init=r.model.init,
         model_dtype=r.model.dtype, weights_dtype=r.training.weights_dtype,
         expandable_segments=expandable_segments(r), fsdp_embedding_units=r.training.fsdp_embedding_units,
         loss_chunk_tokens=loss_decision(spec).chunk_tokens,
+        # A recipe's own (low) threshold; the plan's default (dapc.memory.CPU_MMAP_THRESHOLD_BYTES) keeps the heap
+        # as the 560 MiB baseline was measured, without its creep over long runs.
         cpu_fixed_mmap_threshold="MALLOC_MMAP_THRESHOLD_" in r.launch.env,
         document_masks=r.data.document_boundaries == "separate",
+        reference_copy=r.training.objective == "dpo" and r.method.name == "full",
     )
     return replace(workload, **changes) if changes else workload
 
@@ -194,9 +200,9 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: st
     hw = spec.recipe.hardware
     per_rank_sequences = spec.global_batch_sequences // w.world_size
     grad_accum = max(1, per_rank_sequences // micro_batch)
-    tokens_per_step = spec.global_batch_sequences * w.seq_len
+    tokens_per_step = tokens_per_optimizer_step(spec)
     flops = cost.flops_per_token(spec.arch, spec.params, w.seq_len, w.method, recompute_share(w),
-                                 chunked_loss=w.loss_chunk_tokens > 0)
+                                 chunked_loss=w.loss_chunk_tokens > 0, reference_forward=reference_forward(spec))
     step = cost.step_time(strategy, spec.device, hw.inter_node_gbps, w.world_size, w.gpus_per_node,
                           w.trainable_params, memory.gathered_param_bytes(w), w.compute_bytes, grad_accum, tokens_per_step,
                           flops, hw.assumed_mfu)
@@ -213,6 +219,24 @@ def evaluate(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: st
         allocator_reserve_bytes=reserve, reclaimable_bytes=reclaimable, outside_allocator_bytes=outside,
         checkpoint_bytes=memory_loading.checkpoint_bytes(w).bytes, checkpoint_every_layers=every_layers,
     )
+
+
+def sequences_per_example(objective: str) -> int:
+    """Returns the sequences one training example puts through the model: 2 for a preference pair (chosen and
+    rejected), else 1."""
+    return 2 if objective in PREFERENCE_OBJECTIVES else 1
+
+
+def tokens_per_optimizer_step(spec: Spec) -> int:
+    """Returns the tokens one optimizer step puts through the model: the global batch's sequences (dpo/orpo: its
+    pairs, two sequences each) × seq_len."""
+    r = spec.recipe
+    return spec.global_batch_sequences * sequences_per_example(r.training.objective) * r.data.seq_len
+
+
+def reference_forward(spec: Spec) -> bool:
+    """Returns whether every step also runs the dpo reference forward (the copy, or the base with adapters off)."""
+    return spec.recipe.training.objective == "dpo"
 
 
 def recompute_share(w: Workload) -> float:
@@ -280,11 +304,27 @@ def _tokens(spec: Spec) -> tuple[int, bool, tuple[PlannedSource, ...]]:
     """The token budget, whether the recipe gave it exactly, and each source's share of it (`dapc.sources`)."""
     r = spec.recipe
     try:
-        total, planned = plan_sources(spec.sources, r.training.tokens, r.training.epochs, r.data.tokens_per_byte)
+        total, planned = plan_sources(spec.sources, r.training.tokens, r.training.epochs, r.data.tokens_per_byte,
+                                      _pair_tokens(spec))
     except SourcePlanError as e:
         raise PlanInputError(e.message, e.key_path) from e
     exact = r.training.tokens is not None or all(s.tokens is not None for s in spec.sources if s.role == "domain")
     return total, exact, planned
+
+
+def _pair_tokens(spec: Spec) -> dict[str, int] | None:
+    """dpo/orpo: each source's tokens as the trainer reads them, whatever the text's length: every training pair is
+    two sequences of seq_len (`prepare` pads each response to it), and a pair is a JSONL line, counted here; the
+    validation share is the expected one (prepare splits by a hash of each line)."""
+    r = spec.recipe
+    if sequences_per_example(r.training.objective) == 1:
+        return None
+    try:
+        pairs = {s.name: count_records(s.files) for s in spec.sources}
+    except CorpusError as e:
+        raise PlanInputError(e.message, ("data", "paths")) from e
+    per_pair = sequences_per_example(r.training.objective) * r.data.seq_len
+    return {name: int(n * (1 - r.data.validation_fraction)) * per_pair for name, n in pairs.items()}
 
 
 def _lost_because(best: Candidate, other: Candidate) -> str:
@@ -332,8 +372,7 @@ def plan(spec: Spec) -> Decision:
         (c for c in best_of.values() if not c.fits), key=lambda c: c.total_bytes)
     chosen = ranked[0]
     tokens, exact, planned_sources = _tokens(spec)
-    tokens_per_step = spec.global_batch_sequences * spec.recipe.data.seq_len
-    steps = max(1, ceil(tokens / tokens_per_step))
+    steps = max(1, ceil(tokens / tokens_per_optimizer_step(spec)))
     if t.max_steps is not None:
         steps = min(steps, t.max_steps)
     suggestions = [] if chosen.fits else suggest(spec, chosen)

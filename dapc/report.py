@@ -54,7 +54,11 @@ def alternatives_table(plan: Plan) -> Table:
 def summary_lines(plan: Plan) -> list[str]:
     """Returns the plan's headline numbers, one derived number per line with its unit and origin."""
     r, m, b, c, s = plan.recipe, plan.model, plan.batch, plan.cost, plan.strategy
+    pair = plan.objective.preference
     tokens_origin = ("recipe token budget" if r.training.tokens is not None else "the sources' tokens") if c.tokens_exact else (
+        f"{plan.corpus.sources[0].estimated_tokens // (pair.sequences_per_example * b.seq_len):,} training pairs (JSONL "
+        f"lines less the validation share) × {pair.sequences_per_example} sequences × {b.seq_len:,} tokens × "
+        f"{r.training.epochs} epochs" if pair is not None else
         f"estimated: {c.corpus_bytes:,} corpus bytes × {c.tokens_per_byte_assumed} tokens/byte "
         f"× {r.training.epochs} epochs" if len(plan.corpus.sources) == 1 else
         f"estimated from the sources' amounts at {c.tokens_per_byte_assumed} tokens/byte")
@@ -65,7 +69,7 @@ def summary_lines(plan: Plan) -> list[str]:
         f"hardware: {b.nodes} node(s) × {b.gpus_per_node} {escape(plan.device.name)} = {b.world_size} GPUs",
         f"strategy: [bold]{s.name}[/bold] ({'pinned' if s.forced else 'chosen'}): {escape(s.reason)}",
         f"batch: micro_batch {b.micro_batch} × grad_accum {b.grad_accum} × {b.world_size} GPUs = "
-        f"{b.global_batch_sequences:,} sequences × {b.seq_len:,} tokens = {b.global_batch_tokens:,} tokens/step",
+        f"{_examples(plan)} × {b.seq_len:,} tokens = {b.global_batch_tokens:,} tokens/step",
         f"activation checkpointing: "
         f"{_checkpointing(plan.activation_checkpointing, plan.activation_checkpointing_every_layers, long=True)}",
         _fewest_line(plan),
@@ -129,3 +133,11 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(alternatives_table(plan))
     if plan.suggestions:
         console.print(Group(*(f"[yellow]would fit:[/yellow] {escape(s)}" for s in plan.suggestions)))
+
+
+def _examples(plan: Plan) -> str:
+    """The global batch in the plan's units: sequences, or preference pairs of two sequences each."""
+    b, p = plan.batch, plan.objective.preference
+    if p is None:
+        return f"{b.global_batch_sequences:,} sequences"
+    return f"{b.global_batch_sequences:,} pairs ({b.global_batch_sequences * p.sequences_per_example:,} sequences)"

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dapc.corpus import CorpusError, CorpusFile, resolve_corpus
+from dapc.corpus import CorpusError, CorpusFile, count_records, resolve_corpus
 from dapc.errors import DapcError, RecipeError
 from dapc.hardware import Device, resolve_device
 from dapc.lock import MISTRAL_COMMON_PREFIX
-from dapc.models import Architecture, ParamCounts, count_params, load_architecture, lora_trainable_params
+from dapc.models import Architecture, ParamCounts, count_params, lora_trainable_params
+from dapc.models.source import ModelSource, resolve_model_source
 from dapc.recipe import LoadedRecipe, Recipe
-from dapc.recipe.schema import RECORD_FORMATS
+from dapc.recipe.schema import PREFERENCE_OBJECTIVES, RECORD_FORMATS
 from dapc.sources import SINGLE_SOURCE_NAME, SourceFiles
 
 MISTRAL_COMMON_TOKENIZER = MISTRAL_COMMON_PREFIX + "v1"
@@ -27,6 +28,7 @@ class Spec:
     recipe: Recipe  # paths absolute, tokenizer and prepared_dir filled in
     arch: Architecture
     model_config: dict[str, Any]
+    model_source: ModelSource  # where the config came from: catalog, folder, hf-cache or export-of-plan
     params: ParamCounts
     trainable_params: int
     device: Device
@@ -100,27 +102,38 @@ def _sources(recipe: Recipe, loaded: LoadedRecipe) -> tuple[tuple[SourceFiles, .
 
 
 def _global_batch_sequences(recipe: Recipe, loaded: LoadedRecipe, world_size: int) -> tuple[int, str]:
-    training, seq_len = recipe.training, recipe.data.seq_len
+    training = recipe.training
+    pair = training.objective in PREFERENCE_OBJECTIVES  # a preference pair is two sequences
+    seq_len = recipe.data.seq_len * (2 if pair else 1)
+    per = "2·data.seq_len (a pair)" if pair else "data.seq_len"
     if training.global_batch_sequences is not None:
         return training.global_batch_sequences, "recipe: training.global_batch_sequences"
     if training.global_batch_tokens is not None:
         if training.global_batch_tokens % seq_len:
             raise RecipeError(
-                f"global_batch_tokens {training.global_batch_tokens:,} is not a multiple of seq_len {seq_len} "
+                f"global_batch_tokens {training.global_batch_tokens:,} is not a multiple of {per} {seq_len} "
                 f"({training.global_batch_tokens:,} / {seq_len} = {training.global_batch_tokens / seq_len:.2f})",
                 loaded.locate("training", "global_batch_tokens"),
             )
-        return training.global_batch_tokens // seq_len, "recipe: training.global_batch_tokens / data.seq_len"
+        return training.global_batch_tokens // seq_len, f"recipe: training.global_batch_tokens / {per}"
     per_gpu = max(1, DEFAULT_GLOBAL_BATCH_TOKENS // seq_len // world_size)
     return per_gpu * world_size, (
         f"default: about {DEFAULT_GLOBAL_BATCH_TOKENS:,} tokens per step, rounded to a multiple of {world_size} GPUs"
     )
 
 
-def _corpus_short_of_a_step(recipe: Recipe, corpus_bytes: int, global_batch_sequences: int) -> str | None:
-    """Says how the corpus falls short when its training split (estimated from its bytes) holds fewer sequences
-    than one optimizer step takes, the least the runtime trains on; None when it fills one."""
+def _corpus_short_of_a_step(recipe: Recipe, corpus: tuple[CorpusFile, ...], global_batch_sequences: int) -> str | None:
+    """Says how the corpus falls short when its training split (estimated from its bytes; preference pairs
+    counted, a JSONL line each) holds fewer sequences (pairs) than one optimizer step takes, the least the runtime
+    trains on; None when it fills one."""
     d = recipe.data
+    corpus_bytes = sum(f.bytes for f in corpus)
+    if d.format == "preference":
+        pairs = int(count_records(corpus) * (1 - d.validation_fraction))
+        if pairs >= global_batch_sequences:
+            return None
+        return (f"the {pairs:,} training preference pairs (JSONL lines, less the {d.validation_fraction:g} validation "
+                f"share) cannot fill one optimizer step of {global_batch_sequences:,} pairs")
     sequences = int(corpus_bytes * d.tokens_per_byte * (1 - d.validation_fraction)) // d.seq_len
     if sequences >= global_batch_sequences:
         return None
@@ -132,14 +145,11 @@ def _corpus_short_of_a_step(recipe: Recipe, corpus_bytes: int, global_batch_sequ
 def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
     """Returns the Spec of a loaded recipe. Raises DapcError, located in the recipe, for what cannot be found."""
     recipe = loaded.recipe
-    source = recipe.model.source
-    source_path = loaded.origin_dir("model", "source") / Path(source).expanduser()
     try:
-        arch = load_architecture(source, base_dir=loaded.origin_dir("model", "source"))
+        model = resolve_model_source(recipe.model.source, loaded.origin_dir("model", "source"), recipe.model.init)
     except DapcError as e:
         raise _relocate(e, loaded.locate("model", "source")) from e
-    model_config = json.loads(Path(arch.config_path).read_text(encoding="utf-8"))
-    model_config = {k: v for k, v in model_config.items() if not k.startswith("_")}
+    arch, model_config = model.arch, model.config
     hw = recipe.hardware
     try:
         device = resolve_device(hw.gpu, hw.gpu_memory_gib, hw.gpu_bf16_tflops, hw.gpu_memory_bandwidth_gbps,
@@ -151,8 +161,8 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
     sources, data_update = _sources(recipe, loaded)
     corpus = tuple({f.path: f for s in sources for f in s.files}.values())
     tokenizer = recipe.data.tokenizer
-    if tokenizer is None:
-        tokenizer = str(source_path.resolve()) if source_path.exists() else source
+    if tokenizer is None:  # the model's own: its folder, its name, or the tokenizer of the run that exports it
+        tokenizer = model.tokenizer
     elif tokenizer != MISTRAL_COMMON_TOKENIZER and (loaded.origin_dir("data", "tokenizer") / tokenizer).exists():
         tokenizer = _absolute(loaded, tokenizer, "data", "tokenizer")
     output = output_override if output_override is not None else _absolute(loaded, recipe.output, "output")
@@ -166,9 +176,7 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
     general = [_absolute(loaded, p, "eval", "general_text", i) for i, p in enumerate(recipe.eval.general_text)]
     resolved = recipe.model_copy(
         update={
-            "model": recipe.model.model_copy(
-                update={"source": str(source_path.resolve()) if source_path.exists() else source}
-            ),
+            "model": recipe.model.model_copy(update={"source": model.source}),
             "data": recipe.data.model_copy(update={**data_update, "tokenizer": tokenizer, "prepared_dir": prepared}),
             "eval": recipe.eval.model_copy(update={"benchmarks": benchmarks, "general_text": general}),
             "output": output,
@@ -179,7 +187,7 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
         trainable = params.total
     else:
         trainable = lora_trainable_params(arch, recipe.method.lora.r, list(recipe.method.lora.target_modules))
-    warnings = []
+    warnings = [f"{loaded.locate('model', 'source')}: {model.warning}"] if model.warning else []
     if recipe.data.seq_len > arch.max_position_embeddings:
         # People do train past it (RoPE scaling in the model config, or plainly longer): plan it, say so.
         scaling = model_config.get("rope_scaling")
@@ -190,7 +198,10 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
     sequences, origin = _global_batch_sequences(recipe, loaded, world_size)
     corpus_key = "paths" if recipe.data.paths else "sources"
     if len(sources) == 1:
-        short = _corpus_short_of_a_step(recipe, sum(f.bytes for f in corpus), sequences)
+        try:
+            short = _corpus_short_of_a_step(recipe, corpus, sequences)
+        except CorpusError as e:
+            raise DapcError(e.message, loaded.locate("data", corpus_key)) from e
         if short and recipe.training.tokens is None:
             raise DapcError(f"{short}; add data, or lower the global batch (training.global_batch_sequences) or "
                             "data.seq_len", loaded.locate("data", corpus_key))
@@ -209,6 +220,7 @@ def resolve(loaded: LoadedRecipe, output_override: str | None = None) -> Spec:
         recipe=resolved,
         arch=arch,
         model_config=model_config,
+        model_source=model.provenance,
         params=params,
         trainable_params=trainable,
         device=device,

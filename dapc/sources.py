@@ -73,12 +73,14 @@ class SourcePlanError(DapcError):
 
 
 def plan_sources(sources: tuple[SourceFiles, ...], budget_tokens: int | None, epochs: float,
-                 tokens_per_byte: float) -> tuple[int, tuple[PlannedSource, ...]]:
+                 tokens_per_byte: float, counted_tokens: dict[str, int] | None = None
+                 ) -> tuple[int, tuple[PlannedSource, ...]]:
     """Returns the training token budget T and every source's share of it (rules in the module docstring).
-    `budget_tokens` is `training.tokens` (None: from the sources), `epochs` `training.epochs`.
+    `budget_tokens` is `training.tokens` (None: from the sources), `epochs` `training.epochs`; `counted_tokens`,
+    per source name, replaces the bytes × tokens_per_byte estimate where the tokens are known otherwise.
 
     Raises SourcePlanError where the fixed amounts exceed `training.tokens`."""
-    estimated = {s.name: int(s.bytes * tokens_per_byte) for s in sources}
+    estimated = {s.name: int(s.bytes * tokens_per_byte) for s in sources} | (counted_tokens or {})
     replay = [s for s in sources if s.role == "replay"]
     domain = [s for s in sources if s.role != "replay"]
     replay_share = replay[0].share if replay else 0.0

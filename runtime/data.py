@@ -36,7 +36,7 @@ from runtime.prepare.sources import PrepareError
 
 IGNORE_INDEX = -100  # what transformers' loss skips (runtime.train.loss)
 
-__all__ = ["DistributedResumableSampler", "MixtureDataset", "MixtureSampler", "PackedDataset"]
+__all__ = ["DistributedResumableSampler", "MixtureDataset", "MixtureSampler", "PackedDataset", "PreferencePairs"]
 
 
 class PackedDataset(Dataset):
@@ -111,6 +111,34 @@ class PackedDataset(Dataset):
             dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
             self._maps = [np.memmap(p, dtype=dtype, mode="r").reshape(-1, self.seq_len) for p in self._paths]
         return self._maps
+
+
+class PreferencePairs:
+    """The preference pairs of a split prepared with layout "pairs": pair i is sequence 2i (prompt + chosen) and
+    2i + 1 (prompt + rejected), each one record padded to seq_len; a batch of b pairs is 2b rows, the b chosen
+    first."""
+
+    def __init__(self, sequences: PackedDataset):
+        records = sequences.manifest.records or {}
+        if records.get("settings", {}).get("layout") != "pairs":
+            raise PrepareError("the prepared data holds no preference pairs (prepared from another format); prepare "
+                               "again with this plan", sequences.prepared_dir)
+        self.sequences, self.seq_len, self.prepared_dir = sequences, sequences.seq_len, sequences.prepared_dir
+
+    def __len__(self) -> int:
+        return len(self.sequences) // 2
+
+    def _rows(self, indices: Sequence[int]) -> list[int]:
+        pairs = [int(i) % len(self) for i in indices]
+        return [2 * i for i in pairs] + [2 * i + 1 for i in pairs]
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """The pairs' sequences: LongTensor [2·len(indices), seq_len], chosen rows then rejected rows."""
+        return self.sequences.batch(self._rows(indices))
+
+    def labels(self, indices: Sequence[int]) -> torch.Tensor:
+        """Their labels: each response's tokens (and its EOS), IGNORE_INDEX on the prompt and the padding."""
+        return self.sequences.labels(self._rows(indices))
 
 
 class DistributedResumableSampler:

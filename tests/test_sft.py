@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,14 @@ from runtime.prepare.records import pack_records
 from runtime.tokenizer import load_tokenizer
 from runtime.train.loss import IGNORE_INDEX, causal_lm_loss, install_chunked_loss
 from tests.conftest import REPO
-from tests.train_support import RUN_TIMEOUT_SECONDS, launch_command, read_plan, records, run_env, train
+from tests.train_support import (
+    RUN_TIMEOUT_SECONDS,
+    read_plan,
+    records,
+    run_env,
+    train,
+    train_killed_once,
+)
 
 SFT_RECIPE = REPO / "examples" / "tiny" / "sft.yaml"
 TOKENIZER = "mistral-common:v1"
@@ -149,12 +153,13 @@ TINY_RECIPE = REPO / "examples" / "tiny" / "recipe.yaml"
 
 
 @pytest.mark.parametrize(("recipe", "override", "line"), [
-    (SFT_RECIPE, "training.objective=cpt", (f"{SFT_RECIPE}:9:11: format chat holds supervised fine-tuning records; "
-                                            "set training.objective sft, or give text, jsonl or parquet documents")),
+    (SFT_RECIPE, "training.objective=cpt", (f"{SFT_RECIPE}:9:11: format chat holds records, not documents; set "
+                                            "training.objective sft (chat, prompt-completion) or dpo/orpo (preference), "
+                                            "or give text, jsonl or parquet documents")),
     (TINY_RECIPE, "training.objective=sft", (f"{TINY_RECIPE}:14:11: objective sft needs chat or prompt-completion "
                                              "records, not format text")),
     (SFT_RECIPE, "data.decontamination.enabled=true", ("--set data.decontamination.enabled=true: deduplication and "
-                                                       "decontamination read documents, not chat records; turn them "
+                                                       "decontamination read documents, not records; turn them "
                                                        "off for objective sft")),
 ])
 def test_impossible_objective_and_format_combinations_exit_2_with_one_located_line(recipe: Path, override: str,
@@ -220,19 +225,7 @@ def test_sft_under_zero2_with_the_chunked_loss_learns(sft_data: Path, tmp_path: 
 def test_sft_killed_9_after_a_checkpoint_resumes_to_the_uninterrupted_losses(fsdp2_run: Path, sft_data: Path,
                                                                             tmp_path: Path):
     plan = _compile(tmp_path, sft_data)
-    step_4 = tmp_path / "run" / "checkpoints" / "step-4" / "meta.json"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(launch_command(plan, 2), cwd=REPO, env=run_env(plan), stdout=log, stderr=log,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
-            while not step_4.exists():
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no step-4 checkpoint in time"
-                time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    train_killed_once(plan, 2, tmp_path / "run" / "checkpoints" / "step-4" / "meta.json", tmp_path / "killed.log")
     train(plan, 2)
     reference, resumed = _steps(fsdp2_run), _steps(plan)
     assert sorted(resumed) == list(range(1, 9))

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,23 @@ def train(plan_path: Path, nproc: int) -> subprocess.CompletedProcess:
     if done.returncode != 0:
         pytest.fail(f"trainer exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
     return done
+
+
+def train_killed_once(plan_path: Path, nproc: int, marker: Path, log_path: Path) -> None:
+    """Launches the trainer and kill -9s its whole process group (torchrun and every rank) as soon as `marker`
+    exists, e.g. a checkpoint's meta.json; fails the test if the trainer exits first or `marker` never comes."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(launch_command(plan_path, nproc), cwd=REPO, env=run_env(plan_path), stdout=log,
+                                stderr=log, start_new_session=True)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+            while not marker.exists():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"no {marker} in time"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def records(plan_path: Path, event: str | None = None) -> list[dict]:

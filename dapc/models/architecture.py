@@ -2,7 +2,8 @@
 
 A source is a file or folder on disk, a name in the bundled catalog (`catalog/<org>--<name>.json`,
 public configs copied without weights), or a model id in the local Hugging Face cache. Nothing is
-downloaded and neither torch nor transformers is imported.
+downloaded and neither torch nor transformers is imported. (A source that is another run's export,
+planned but not trained yet, is `dapc.models.source`'s: its config comes from that run's plan.json.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from dapc.errors import DapcError, ModelNotFoundError
 
@@ -21,7 +22,10 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 CONFIG_FILENAME = "config.json"
+ADAPTER_DIR = "adapter"  # where dapc's export puts LoRA adapters (runtime/export.py)
+ADAPTER_CONFIG_FILENAME = "adapter_config.json"  # peft's
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ConfigKind = Literal["catalog", "folder", "hf-cache"]
 
 
 class ModelConfigError(DapcError):
@@ -54,13 +58,32 @@ class Architecture:
     config_path: str
 
 
+@dataclass(frozen=True)
+class FoundConfig:
+    """A config.json that a source names: where it was found (`kind`), the model's name, the file."""
+
+    kind: ConfigKind
+    name: str
+    path: Path | Traversable
+
+
 def catalog_names() -> list[str]:
     """Return the Hugging Face ids of the bundled configs (`org/name`), sorted case-insensitively."""
     return sorted(_catalog(), key=str.lower)
 
 
 def load_architecture(source: str, base_dir: Path | None = None) -> Architecture:
-    """Return the architecture named by `source`, looked up in this order, offline:
+    """Return the architecture named by `source` (see `find_config` for where it is looked up, offline).
+
+    Raises `ModelNotFoundError` (listing what was tried, with a "did you mean") when none matches,
+    and `ModelConfigError` (naming the file and the field) when the config is unusable.
+    """
+    found = find_config(source, base_dir)
+    return architecture_of_config(found.name, read_config(found.path), str(found.path))
+
+
+def find_config(source: str, base_dir: Path | None = None) -> FoundConfig:
+    """Return the config.json that `source` names, looked up in this order, offline:
 
     1. a config.json file, or a folder holding one (a relative path resolves against `base_dir`,
        else the working directory);
@@ -68,32 +91,46 @@ def load_architecture(source: str, base_dir: Path | None = None) -> Architecture
     3. an `org/name` id in the Hugging Face cache (`$HF_HUB_CACHE`, `$HF_HOME/hub`, or
        `~/.cache/huggingface/hub`), reading `models--org--name/snapshots/<revision>/config.json`.
 
-    Raises `ModelNotFoundError` (listing what was tried, with a "did you mean") when none matches,
-    and `ModelConfigError` (naming the file and the field) when the config is unusable.
+    A folder holding only LoRA adapters (dapc's export of LoRA without `checkpoint.merge_lora`) is
+    refused: it has no full model to plan. Raises `ModelNotFoundError` when nothing matches.
     """
     tried: list[str] = []
-    local = Path(source).expanduser()
-    if not local.is_absolute() and base_dir is not None:
-        local = base_dir / local
+    local = local_path(source, base_dir)
     if local.is_dir():
         if not (local / CONFIG_FILENAME).is_file():
+            adapter = next((a for a in (local / ADAPTER_DIR / ADAPTER_CONFIG_FILENAME, local / ADAPTER_CONFIG_FILENAME)
+                            if a.is_file()), None)
+            if adapter is not None:
+                raise ModelNotFoundError(adapters_only_message(f"folder {local.resolve()} holds only LoRA adapters "
+                                                               f"({adapter.relative_to(local)}, no {CONFIG_FILENAME})"))
             raise ModelNotFoundError(f"folder {local} has no {CONFIG_FILENAME}")
-        return _architecture(source, local / CONFIG_FILENAME)
+        return FoundConfig("folder", source, local / CONFIG_FILENAME)
     if local.is_file():
-        return _architecture(source, local)
+        return FoundConfig("folder", source, local)
     tried.append(f"no file or folder at {local.absolute()}")
 
     catalog = _catalog()
     by_lower = {name.lower(): name for name in catalog}
     if source.lower() in by_lower:
         name = by_lower[source.lower()]
-        return _architecture(name, catalog[name])
+        return FoundConfig("catalog", name, catalog[name])
     tried.append(f"not among the {len(catalog)} catalog names")
 
     cached = _cached_config(source, tried)
     if cached is not None:
-        return _architecture(source, cached)
+        return FoundConfig("hf-cache", source, cached)
     raise ModelNotFoundError(f"model {source!r} not found: {'; '.join(tried)}. {_suggestion(source, catalog)}")
+
+
+def local_path(source: str, base_dir: Path | None = None) -> Path:
+    """The file or folder `source` names if it is a path: against `base_dir` when relative (and given)."""
+    local = Path(source).expanduser()
+    return base_dir / local if not local.is_absolute() and base_dir is not None else local
+
+
+def adapters_only_message(what: str) -> str:
+    """Why a source that is (or will be) LoRA adapters alone cannot be planned, and what to change."""
+    return f"{what}; set checkpoint.merge_lora: true in the recipe that produced it, so its export holds the full model"
 
 
 def _catalog() -> dict[str, Traversable]:
@@ -148,15 +185,16 @@ def _cached_config(source: str, tried: list[str]) -> Path | None:
     return None
 
 
-def _architecture(name: str, path: Path | Traversable) -> Architecture:
-    config = _read_json(path)
-    fields = _Fields(config, str(path))
+def architecture_of_config(name: str, config: dict[str, Any], path: str) -> Architecture:
+    """Return the architecture of an HF config already read (from `path`, which errors name and which
+    becomes `config_path`: a config.json, or a plan.json whose `model.config` it is)."""
+    fields = _Fields(config, path)
     model_type = fields.text("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelConfigError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
             "(decoders with RMSNorm, rotary GQA attention and a SwiGLU MLP)",
-            str(path),
+            path,
         )
     hidden_size = fields.positive_int("hidden_size")
     num_attention_heads = fields.positive_int("num_attention_heads")
@@ -165,7 +203,7 @@ def _architecture(name: str, path: Path | Traversable) -> Architecture:
         raise ModelConfigError(
             f"num_attention_heads {num_attention_heads} is not a multiple of "
             f"num_key_value_heads {num_key_value_heads}",
-            str(path),
+            path,
         )
     qkv_bias, o_bias, mlp_bias = _biases(model_type, fields)
     return Architecture(
@@ -184,7 +222,7 @@ def _architecture(name: str, path: Path | Traversable) -> Architecture:
         mlp_bias=mlp_bias,
         max_position_embeddings=fields.positive_int("max_position_embeddings"),
         torch_dtype=fields.text("torch_dtype", default=fields.text("dtype", default="float32")),
-        config_path=str(path),
+        config_path=path,
     )
 
 
@@ -198,7 +236,8 @@ def _biases(model_type: str, fields: _Fields) -> tuple[bool, bool, bool]:
     return False, False, False
 
 
-def _read_json(path: Path | Traversable) -> dict[str, Any]:
+def read_config(path: Path | Traversable) -> dict[str, Any]:
+    """Return the JSON object in the config.json at `path`; `ModelConfigError`, naming the file, otherwise."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:

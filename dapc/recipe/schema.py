@@ -7,7 +7,14 @@ Validators here only check; derived values (tokens, steps, micro-batch, strategy
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from dapc.dtypes import Precision
 from dapc.models.params import LINEAR_MODULES
@@ -75,9 +82,10 @@ class MethodSection(Section):
     double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
 
 
-DataFormat = Literal["text", "jsonl", "parquet", "chat", "prompt-completion"]
+DataFormat = Literal["text", "jsonl", "parquet", "chat", "prompt-completion", "preference"]
 # Formats of supervised fine-tuning records (JSONL, one record a line): the trainer learns their assistant part.
-RECORD_FORMATS = ("chat", "prompt-completion")
+RECORD_FORMATS = ("chat", "prompt-completion", "preference")
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # trained on preference pairs, two sequences per example
 
 
 class SourceSection(Section):
@@ -146,7 +154,8 @@ class DataSection(Section):
         "text", description="How each corpus file is read: `text`, `jsonl` or `parquet` documents (continued "
         "pretraining), or JSONL records for `training.objective: sft`: `chat` ({\"messages\": [{\"role\": "
         "\"system\"|\"user\"|\"assistant\", \"content\": str}, ...]}) or `prompt-completion` ({\"prompt\": str, "
-        "\"completion\": str}).")
+        "\"completion\": str}), or `preference` pairs for `dpo`/`orpo` ({\"prompt\": str or messages, \"chosen\": "
+        "str or [assistant message], \"rejected\": likewise}).")
     chat_template: Literal["auto", "chatml"] = Field(
         "auto", description="How `chat` records become text: `auto` uses the tokenizer's own chat_template, else "
         "the built-in `chatml` (`<|im_start|>role\\ncontent<|im_end|>\\n`, written as plain text).")
@@ -187,10 +196,22 @@ class DataSection(Section):
         return self
 
 
+class PreferenceSection(Section):
+    beta: float = Field(0.1, gt=0, le=100, description="dpo: the KL weight β of the sigmoid loss (Rafailov et al. "
+                        "2023); orpo: the odds-ratio term's weight λ (Hong et al. 2024).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: the share of preference labels assumed "
+                                   "flipped (conservative DPO, cDPO); 0 is plain DPO.")
+
+
 class TrainingSection(Section):
-    objective: Literal["cpt", "sft"] = Field(
+    objective: Literal["cpt", "sft", "dpo", "orpo"] = Field(
         "cpt", description="`cpt`: continued pretraining, every next token is a target. `sft`: supervised "
-        "fine-tuning on `chat` or `prompt-completion` records, only assistant (completion) tokens are targets.")
+        "fine-tuning on `chat` or `prompt-completion` records, only assistant (completion) tokens are targets. "
+        "`dpo`: direct preference optimization on `preference` pairs against a reference model (the base with "
+        "adapters off under LoRA/QLoRA, a frozen copy under full training). `orpo`: odds-ratio preference "
+        "optimization, reference-free (SFT on the chosen response plus an odds-ratio penalty).")
+    preference: PreferenceSection = Field(default_factory=PreferenceSection,
+                                          description="dpo/orpo loss settings (ignored by cpt and sft).")
     tokens: int | None = Field(None, ge=1, description="Token budget; overrides `epochs`.")
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the corpus when `tokens` is unset.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -198,10 +219,11 @@ class TrainingSection(Section):
         None, ge=1, description="Tokens per optimizer step (must be a multiple of seq_len)."
     )
     global_batch_sequences: int | None = Field(
-        None, ge=1, description="Sequences per optimizer step; default 4 Mi tokens / seq_len."
+        None, ge=1, description="Sequences per optimizer step (dpo/orpo: preference pairs, two sequences each); "
+        "default 4 Mi tokens / seq_len (dpo/orpo: / 2·seq_len)."
     )
     micro_batch: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
-        "auto", description="Sequences per GPU per forward pass; `auto` lets the planner pick."
+        "auto", description="Sequences (dpo/orpo: pairs) per GPU per forward pass; `auto` lets the planner pick."
     )
     activation_checkpointing: Literal["auto", "off", "selective", "full"] | bool = Field(
         "auto", description="Recompute activations in backward: `full` (each layer keeps its input), `selective` "

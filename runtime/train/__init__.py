@@ -5,6 +5,14 @@ It reads plan.json and nothing else; see `loop` for the order of a run, `engines
 """
 
 from .config import PlanError, TrainPlan, load_plan
-from .loop import train
 
 __all__ = ["PlanError", "TrainPlan", "load_plan", "train"]
+
+
+def __getattr__(name: str):
+    # `train` imports torch: not before `python -m runtime.train` has applied the plan's allocator settings.
+    if name == "train":
+        from .loop import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ import warnings
 
 from dapc.errors import DapcError
 from runtime.errors import print_error
+from runtime.train.host_allocator import MMAP_THRESHOLD_ENV, fix_mmap_threshold
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _apply_environment(env: dict[str, str]) -> None:
     """The plan's `runtime.env` (what the rendered launch files export), for a trainer started some other way.
-    A value already set wins, with a warning where the memory model assumed another (the CUDA allocator mode)."""
+    A value already set wins, with a warning where the memory model assumed another (the CUDA allocator mode).
+    glibc read its variables when the process started, so the mmap threshold is given to it by mallopt."""
     for key, value in env.items():
+        if key == MMAP_THRESHOLD_ENV and key not in os.environ and value.isdigit():
+            fix_mmap_threshold(int(value))
         current = os.environ.setdefault(key, value)
         if current != value:
             print(f"warning: {key}={current} from the environment, the plan assumed {value}", file=sys.stderr)

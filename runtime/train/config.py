@@ -46,6 +46,16 @@ class SourceData:
 
 
 @dataclass(frozen=True)
+class PreferenceSettings:
+    """plan.json `objective.preference`, as the trainer reads it."""
+
+    loss: str  # sigmoid (dpo) | orpo
+    beta: float
+    label_smoothing: float
+    reference: str  # copy | adapters-off | none
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     path: str
     plan_sha256: str
@@ -97,6 +107,7 @@ class TrainPlan:
     # backend
     strategy: str
     backend: str
+    zero_stage: int | None  # DeepSpeed's ZeRO stage (plan.json strategy.zero_stage); None for DDP/FSDP2
     fsdp: FsdpSettings | None
     deepspeed: dict[str, Any] | None  # the full DeepSpeed config (ds_config.json), passed to DeepSpeed as is
     # checkpoints and outputs
@@ -108,7 +119,9 @@ class TrainPlan:
     prepared_dir: str
     sources: tuple[SourceData, ...]  # plan.json corpus.sources: where each was prepared, its share
     document_boundaries: str  # concatenate | separate (positions and attention per packed document)
-    objective: str  # cpt (labels = input_ids) | sft (labels masked to the assistant's tokens): plan.json objective
+    objective: str  # cpt (labels = input_ids) | sft (labels masked to the assistant's tokens) | dpo | orpo
+    preference: PreferenceSettings | None  # dpo/orpo: plan.json objective.preference
+    tokens_per_step: int  # plan.json batch.global_batch_tokens (dpo/orpo: both sequences of every pair)
     checkpoint_dir: str
     export_dir: str
     metrics_path: str
@@ -176,6 +189,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         device_peak_flops=plan.device.bf16_tflops * 1e12,
         strategy=plan.strategy.name,
         backend=plan.runtime.backend,
+        zero_stage=plan.strategy.zero_stage,
         fsdp=None if fsdp is None else FsdpSettings(
             tuple(fsdp.mesh), tuple(fsdp.mesh_dims), fsdp.reshard_after_forward, fsdp.param_dtype,
             fsdp.reduce_dtype, fsdp.cpu_offload, fsdp.separate_embedding_units, fsdp.sync_every_micro_batch),
@@ -189,6 +203,9 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         sources=tuple(SourceData(s.name, s.prepared_dir, s.share) for s in plan.corpus.sources),
         document_boundaries=r.data.document_boundaries,
         objective=plan.objective.name,
+        preference=None if (p := plan.objective.preference) is None else PreferenceSettings(
+            p.loss, p.beta, p.label_smoothing, p.reference),
+        tokens_per_step=b.global_batch_tokens,
         checkpoint_dir=plan.paths.checkpoint_dir,
         export_dir=plan.paths.export_dir,
         metrics_path=plan.paths.metrics_path,

@@ -7,13 +7,17 @@ saving/loading their states into a checkpoint folder.
 - `DeepSpeedEngine`: ZeRO 1/2/3 (with offload) from the plan's DeepSpeed config, passed as is, with our
   torch AdamW; states through DeepSpeed's own `save_checkpoint` / `load_checkpoint`.
 The learning rate is a pure function of the step (`optim.lr_at`), set on the param groups before every
-optimizer step, so no scheduler state exists to save.
+optimizer step, so no scheduler state exists to save. What a micro-step's loss is (next tokens, or a preference
+pair's score against a reference) is the plan's objective (`_objective`): the DPO reference is the policy with its
+adapters off, or a frozen copy built like the policy and sharded by the same backend (never optimized or saved).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,18 +35,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import PlanError, TrainPlan
+from .loss import causal_lm_loss, chunked_loss_head
 from .model import (
     DTYPES,
     PENDING_LOAD,
     QuantizedBase,
     RankZeroWeights,
+    build_model,
     compute_dtype,
     decoder_layers,
     non_persistent_buffers,
 )
-from .loss import causal_lm_loss, chunked_loss_head
 from .nf4 import is_nf4, unshardable_nf4
 from .optim import build_optimizer, param_groups
+from .preference import PreferenceLoss, adapters_off, sequence_logps
 
 __all__ = ["DCP_DIR", "DEEPSPEED_DIR", "DeepSpeedEngine", "Engine", "TorchEngine", "make_engine"]
 
@@ -56,10 +62,11 @@ class Engine:
     model: nn.Module
 
     def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None,
-                   labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns the (detached) mean loss.
-        `last` is the final micro-batch of the step: gradients are synchronized only then. `position_ids`:
-        per-document positions (data.document_boundaries separate), else None."""
+                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch; returns the (detached) mean loss and the objective's
+        statistics (dpo/orpo: rewards, margin, accuracy; else none). `last` is the final micro-batch of the
+        step: gradients are synchronized only then. `position_ids`: per-document positions
+        (data.document_boundaries separate), else None."""
         raise NotImplementedError
 
     def optimizer_step(self, lr: float) -> torch.Tensor | float:
@@ -79,8 +86,48 @@ class Engine:
 
 def make_engine(plan: TrainPlan, model: nn.Module, device: torch.device) -> Engine:
     if plan.backend == "deepspeed":
-        return DeepSpeedEngine(plan, model)
+        return DeepSpeedEngine(plan, model, device)
     return TorchEngine(plan, model, device)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, dict]]
+Reference = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _objective(plan: TrainPlan, forward: nn.Module, reference: Reference | None) -> LossFn:
+    """The micro-batch loss of the plan's objective, as a function of (input_ids, position_ids, labels), computed
+    through `forward` (the wrapped policy)."""
+    head = chunked_loss_head(forward)
+    if plan.preference is None:
+        return lambda ids, positions, labels: (causal_lm_loss(forward, ids, head, positions, labels), {})
+    loss = PreferenceLoss(plan.preference, reference)
+    return lambda ids, positions, labels: loss(forward, head, ids, labels)
+
+
+def _adapters_off_reference(forward: nn.Module) -> Reference:
+    """The policy itself with its LoRA adapters disabled: the base, the model before any update; no copy."""
+    disabled, head = adapters_off(forward), chunked_loss_head(forward)
+
+    def score(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with disabled():
+            return sequence_logps(forward, ids, labels, head)[0]
+    return score
+
+
+def _copy_reference(module: nn.Module) -> Reference:
+    head = chunked_loss_head(module)
+    return lambda ids, labels: sequence_logps(module, ids, labels, head)[0]
+
+
+def _reference_plan(plan: TrainPlan) -> TrainPlan:
+    """How the frozen reference copy is built: the starting model (same source or seeded init), in the compute
+    dtype, without activation checkpointing (no backward ever runs through it) or compilation."""
+    return replace(plan, trained_dtype=plan.precision, activation_checkpointing="off", compile_layers=False)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
 
 
 class TorchEngine(Engine):
@@ -101,7 +148,7 @@ class TorchEngine(Engine):
             mixed = plan.precision != "fp32"
             self._autocast = lambda: torch.autocast(device.type, dtype=compute_dtype(plan), enabled=mixed)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # DTensors after fully_shard
-        self.loss_head = chunked_loss_head(model)
+        self._loss = _objective(plan, self.model, self._reference(plan, device))
         self.optimizer = build_optimizer(plan, param_groups(model, plan.weight_decay))
         self.scaler = torch.amp.GradScaler(device.type) if plan.precision == "fp16" else None
         self._options = StateDictOptions(ignore_frozen_params=plan.method != "full")
@@ -116,10 +163,23 @@ class TorchEngine(Engine):
             sync = contextlib.nullcontext() if last else self._no_sync()
         with sync:
             with self._autocast():
-                loss = causal_lm_loss(self.model, input_ids, self.loss_head, position_ids, labels)
+                loss, stats = self._loss(input_ids, position_ids, labels)
             scaled = loss / self.plan.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return loss.detach()
+        return loss.detach(), stats
+
+    def _reference(self, plan: TrainPlan, device: torch.device) -> Reference | None:
+        kind = plan.preference.reference if plan.preference else "none"
+        if kind == "adapters-off":
+            return _adapters_off_reference(self.model)
+        if kind != "copy":
+            return None
+        reference_plan = _reference_plan(plan)
+        reference = _frozen(build_model(reference_plan, device))
+        if plan.backend == "fsdp2":
+            _apply_fsdp2(reference_plan, reference, device)  # sharded like the policy; gathered layer by layer
+        self.reference_model = reference
+        return _copy_reference(reference)
 
     def optimizer_step(self, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -239,7 +299,7 @@ def _load_from_rank0(model: nn.Module, weights: RankZeroWeights, device: torch.d
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, plan: TrainPlan, model: nn.Module):
+    def __init__(self, plan: TrainPlan, model: nn.Module, device: torch.device):
         import deepspeed
 
         self.plan = plan
@@ -249,15 +309,34 @@ class DeepSpeedEngine(Engine):
                                                dist_init_required=False)
         self.model = self.engine
         self._frozen_excluded = plan.method != "full"
-        self.loss_head = chunked_loss_head(model)
+        self._loss = _objective(plan, self.engine, self._reference(plan, device))
 
     def micro_step(self, input_ids: torch.Tensor, last: bool, position_ids: torch.Tensor | None = None,
-                   labels: torch.Tensor | None = None) -> torch.Tensor:
-        loss = causal_lm_loss(self.engine, input_ids, self.loss_head, position_ids, labels)
+                   labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, stats = self._loss(input_ids, position_ids, labels)
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
         if not last:
             self.engine.step()  # DeepSpeed counts micro-steps; it steps the optimizer only at the boundary
-        return loss.detach()
+        return loss.detach(), stats
+
+    def _reference(self, plan: TrainPlan, device: torch.device) -> Reference | None:
+        import deepspeed
+
+        kind = plan.preference.reference if plan.preference else "none"
+        if kind == "adapters-off":
+            return _adapters_off_reference(self.engine)
+        if kind != "copy":
+            return None
+        reference = _frozen(build_model(_reference_plan(plan), device))
+        if plan.zero_stage == 3:
+            # Partitioned like the policy, with no optimizer: DeepSpeed gathers each layer for its forward.
+            config = {k: v for k, v in plan.deepspeed.items() if k not in ("optimizer", "scheduler")}
+            engine, *_ = deepspeed.initialize(model=reference, config=config, dist_init_required=False)
+            engine.eval()  # DeepSpeedEngine.eval returns None
+            self.reference_model = engine
+        else:  # ZeRO-1/2 keep whole parameters on every rank: so does the reference, in the compute dtype
+            self.reference_model = reference.to(device=device, dtype=compute_dtype(plan))
+        return _copy_reference(self.reference_model)
 
     def optimizer_step(self, lr: float) -> float:
         for group in self.engine.optimizer.param_groups:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-__all__ = ["THP_ENV", "use_huge_pages"]
+__all__ = ["MMAP_THRESHOLD_ENV", "THP_ENV", "fix_mmap_threshold", "use_huge_pages"]
 
 THP_ENV = "THP_MEM_ALLOC_ENABLE"
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc reads it at process start
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # e.g. "always [madvise] never"
 _PROBE_BYTES = 4 * 1024**2
 
@@ -33,7 +33,22 @@ def use_huge_pages(mode_path: Path = _THP_MODE) -> bool:
     allocated before the setting could apply."""
     if not mode_path.is_file() or "[never]" in mode_path.read_text():
         return False
+    import torch
+
     os.environ.setdefault(THP_ENV, "1")
     # With the setting in force, large tensors start on a page boundary; without it, 64 bytes past one.
     probe = torch.empty(_PROBE_BYTES, dtype=torch.uint8)
     return probe.data_ptr() % os.sysconf("SC_PAGE_SIZE") == 0
+
+
+def fix_mmap_threshold(threshold_bytes: int) -> bool:
+    """Fixes glibc's mmap threshold at `threshold_bytes` (the plan's MALLOC_MMAP_THRESHOLD_) in a process started
+    without it in its environment (glibc reads the variable at start only); returns whether mallopt took it.
+    Call it before torch is imported: set after torch's own allocations, it no longer stops the heap's creep.
+    Fixed, every allocation above it is mapped and unmapped on free, so the 2 MiB-aligned huge-page tensors
+    cannot fragment the heap and the resident set stays the live tensors' (dapc.memory.CPU_MMAP_THRESHOLD_BYTES)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return bool(name) and ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)) == 1

@@ -27,7 +27,13 @@ from runtime.checkpoint import (
     save_checkpoint,
     trainer_state_path,
 )
-from runtime.data import DistributedResumableSampler, MixtureDataset, MixtureSampler, PackedDataset
+from runtime.data import (
+    DistributedResumableSampler,
+    MixtureDataset,
+    MixtureSampler,
+    PackedDataset,
+    PreferencePairs,
+)
 from runtime.prepare import load_manifest
 
 from .config import PlanError, TrainPlan
@@ -92,15 +98,15 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
                resumed_world_size=resume.world_size if resume else None,
                plan_sha256=plan.plan_sha256, strategy=plan.strategy, world_size=d.world_size, **params)
     log.say(f"{plan.strategy} on {d.world_size} × {d.device.type}: {plan.steps} steps of "
-            f"{plan.global_batch_sequences * plan.seq_len:,} tokens"
+            f"{plan.tokens_per_step:,} tokens"
             + (f", {resume.describe(d.world_size)} after step {step}" if resume else ""))
     final = None if resume is None else resume.folder
-    batches = _batches(dataset, sampler, d.device, sft=plan.objective == "sft")
+    batches = _batches(dataset, sampler, d.device, targets=plan.objective != "cpt")
     eos_token_id = _eos_token_id(plan) if plan.document_boundaries == "separate" else None
-    tokens_per_step = plan.global_batch_sequences * plan.seq_len
+    tokens_per_step = plan.tokens_per_step
     mark, steps_since_log = time.perf_counter(), 0
     while step < plan.steps:
-        loss, grad_norm, lr = _step(plan, d, engine, batches, step, eos_token_id)
+        loss, grad_norm, lr, stats = _step(plan, d, engine, batches, step, eos_token_id)
         step, steps_since_log = step + 1, steps_since_log + 1
         if step % plan.log_every_steps == 0 or step == plan.steps:
             now = time.perf_counter()
@@ -111,7 +117,7 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
                      step_seconds=seconds / steps_since_log,
                      mfu=mfu(tokens_per_second, plan.flops_per_token, d.world_size, plan.device_peak_flops),
                      peak_memory_bytes=_max_over_ranks(memory_probe.peak_bytes(plan.memory_counter), d),
-                     **_source_sequences(plan, sampler))
+                     **_source_sequences(plan, sampler), **{k: _mean_over_ranks(v, d) for k, v in stats.items()})
             mark, steps_since_log = now, 0  # logging counts in the next interval: it is part of training's time
         stop = step < plan.steps and _stop_requested(plan, d)
         if stop or step % plan.checkpoint_every_steps == 0 or step == plan.steps:
@@ -130,10 +136,12 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
     return final, step == plan.steps
 
 
-def _data(plan: TrainPlan, d: Distributed) -> tuple[PackedDataset | MixtureDataset, Sampler]:
-    """The training sequences and this rank's sampler: one source's order, or the mixture of several at the
-    plan's shares."""
+def _data(plan: TrainPlan, d: Distributed) -> tuple[PackedDataset | MixtureDataset | PreferencePairs, Sampler]:
+    """The training samples and this rank's sampler: one source's order, or the mixture of several at the
+    plan's shares. A dpo/orpo sample is a preference pair (two sequences)."""
     datasets = [PackedDataset(s.prepared_dir, split="train") for s in plan.sources]
+    if plan.preference is not None:
+        datasets = [PreferencePairs(x) for x in datasets]
     for source, dataset in zip(plan.sources, datasets, strict=True):
         if dataset.seq_len != plan.seq_len:
             raise PlanError(f"prepared data in {source.prepared_dir} has seq_len {dataset.seq_len}, the plan's "
@@ -147,7 +155,8 @@ def _data(plan: TrainPlan, d: Distributed) -> tuple[PackedDataset | MixtureDatas
                                        d.world_size, plan.seed, plan.micro_batch, plan.global_batch_sequences)
     (dataset,), (source,) = datasets, plan.sources
     if len(dataset) < plan.global_batch_sequences:
-        raise PlanError(f"prepared data in {source.prepared_dir} has {len(dataset)} training sequences, "
+        kind = "preference pairs" if plan.preference is not None else "sequences"
+        raise PlanError(f"prepared data in {source.prepared_dir} has {len(dataset)} training {kind}, "
                         f"fewer than one optimizer step takes ({plan.global_batch_sequences}); add data, or lower "
                         "training.global_batch_sequences", plan.path)
     return dataset, DistributedResumableSampler(len(dataset), d.rank, d.world_size, plan.seed, plan.micro_batch,
@@ -196,17 +205,23 @@ def _stop_requested(plan: TrainPlan, d: Distributed) -> bool:
 
 
 def _step(plan: TrainPlan, d: Distributed, engine: Engine, batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]],
-          step: int, eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | float, float]:
-    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate).
-    With `eos_token_id`, each packed document gets positions of its own and attends only to itself."""
+          step: int, eos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor | float, float, dict]:
+    """One optimizer step over `grad_accum` micro-batches: (this rank's mean loss, grad norm, learning rate, this
+    rank's mean of the objective's statistics). With `eos_token_id`, each packed document gets positions of its
+    own and attends only to itself."""
     loss_sum = torch.zeros((), dtype=torch.float32, device=d.device)
+    stats_sum: dict[str, torch.Tensor] = {}
     for micro in range(plan.grad_accum):
         input_ids, labels = next(batches)
         positions = None if eos_token_id is None else document_positions(input_ids, eos_token_id)
-        loss_sum += engine.micro_step(input_ids, last=micro == plan.grad_accum - 1, position_ids=positions,
-                                      labels=labels).float()
+        loss, stats = engine.micro_step(input_ids, last=micro == plan.grad_accum - 1, position_ids=positions,
+                                        labels=labels)
+        loss_sum += loss.float()
+        for name, value in stats.items():
+            stats_sum[name] = stats_sum.get(name, 0) + value.float()
     lr = lr_at(plan, step)
-    return loss_sum / plan.grad_accum, engine.optimizer_step(lr), lr
+    stats_mean = {name: total / plan.grad_accum for name, total in stats_sum.items()}
+    return loss_sum / plan.grad_accum, engine.optimizer_step(lr), lr, stats_mean
 
 
 def _param_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -221,10 +236,11 @@ def _param_counts(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def _batches(dataset: PackedDataset | MixtureDataset, sampler: Sampler, device: torch.device,
-             sft: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+def _batches(dataset: PackedDataset | MixtureDataset | PreferencePairs, sampler: Sampler, device: torch.device,
+             targets: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """This rank's micro-batches on `device` as (input_ids, labels), epoch after epoch; labels are None (every
-    next token) unless `sft` (the assistant's tokens, `PackedDataset.labels`). Drawn one at a time so the
+    next token) unless `targets` (sft: the assistant's tokens; dpo/orpo: the responses', `labels` of the
+    dataset). Drawn one at a time so the
     sampler state stays exact. On a GPU each batch is read into pinned memory and copied without blocking: the
     copy is queued behind the kernels already launched while the host goes on, so the step never waits on the
     host for its input."""
@@ -235,7 +251,7 @@ def _batches(dataset: PackedDataset | MixtureDataset, sampler: Sampler, device: 
 
     while True:
         for indices in sampler:
-            if sft:
+            if targets:
                 labels = dataset.labels(indices)
                 yield move(dataset.batch(indices)), move(labels)
             else:

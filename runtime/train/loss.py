@@ -32,18 +32,34 @@ class ChunkedLossHead(nn.Linear):
 
     chunk_tokens: int
     targets: torch.Tensor | None = None
+    per_row: bool = False  # set with the targets: return each row's summed target log-probability instead
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # noqa: D102 (nn.Module API)
         targets, self.targets = self.targets, None
+        per_row, self.per_row = self.per_row, False
         if targets is None:
             raise RuntimeError("ChunkedLossHead called without targets (use runtime.train.loss.causal_lm_loss)")
         flat = hidden.reshape(-1, hidden.shape[-1])
         target = targets.reshape(-1)
+        if per_row:
+            rows = torch.arange(flat.shape[0], device=flat.device) // targets.shape[1]
+            sums = hidden.new_zeros(targets.shape[0], dtype=torch.float32)
+            for start in range(0, flat.shape[0], self.chunk_tokens):
+                end = start + self.chunk_tokens
+                sums = sums + checkpoint(self._chunk_row_logps, flat[start:end], target[start:end], rows[start:end],
+                                         targets.shape[0], use_reentrant=False)
+            return sums
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, flat.shape[0], self.chunk_tokens):
             end = start + self.chunk_tokens
             total = total + checkpoint(self._chunk_loss_sum, flat[start:end], target[start:end], use_reentrant=False)
         return total / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _chunk_row_logps(self, hidden: torch.Tensor, target: torch.Tensor, rows: torch.Tensor,
+                         num_rows: int) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight, self.bias).float()
+        token = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+        return torch.zeros(num_rows, dtype=torch.float32, device=hidden.device).index_add(0, rows, -token)
 
     def _chunk_loss_sum(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight, self.bias).float()

@@ -59,6 +59,8 @@ class MetricsLog:
             f"step {step:>{len(str(steps))}}/{steps}  loss {fields['loss']:.4f}  lr {fields['lr']:.2e}  "
             f"grad {fields['grad_norm']:.3f}  {fields['tokens_per_second']:,.0f} tok/s  "
             f"MFU {100 * fields['mfu']:.2f}%  peak {fields['peak_memory_bytes'] / _MIB:,.0f} MiB"
+            + (f"  margin {fields['rewards_margin']:.3f}  accuracy {fields['rewards_accuracy']:.2f}"
+               if "rewards_margin" in fields else "")
         )
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ plan_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 plan="${plan_dir}/plan.json"
 master_addr="${MASTER_ADDR:-127.0.0.1}"
 master_port="${MASTER_PORT:-29500}"
+export MALLOC_MMAP_THRESHOLD_=2097152
 export OMP_NUM_THREADS=1
 # Creating this file asks the trainer to checkpoint after its current step and exit (a preemption notice).
 rm -f <OUT>/stop-requested
