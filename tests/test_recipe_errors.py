@@ -74,7 +74,7 @@ EXPECTED = {
     'unknown_model': "error: recipe.yaml:3:11: model 'meta-llama/Llama-3.1-8b-instruct-typo' not found: no file or folder at {dir}/meta-llama/Llama-3.1-8b-instruct-typo; not among the 8 catalog names; no config.json under the Hugging Face cache entry {dir}/hf/models--meta-llama--Llama-3.1-8b-instruct-typo. Did you mean 'meta-llama/Llama-3.3-70B-Instruct', 'meta-llama/Llama-3.1-8B' or 'meta-llama/Llama-3.1-70B'?",
     'missing_corpus': 'error: recipe.yaml:6:5: corpus path {dir}/nothere/*.txt matches no file',
     'batch_not_divisible': 'error: recipe.yaml:10:27: global batch 100 sequences is not divisible by 8 GPUs (1 node × 8); 100 / 8 = 12.50',
-    'tokens_not_multiple': 'error: recipe.yaml:10:24: global_batch_tokens 1,000,000 is not a multiple of seq_len 4096 (1,000,000 / 4096 = 244.14)',
+    'tokens_not_multiple': 'error: recipe.yaml:10:24: global_batch_tokens 1,000,000 is not a multiple of data.seq_len 4096 (1,000,000 / 4096 = 244.14)',
     'both_batch_sizes': 'error: recipe.yaml:9:3: training: value error, set global_batch_tokens or global_batch_sequences, not both',
     'micro_batch_not_dividing': 'error: recipe.yaml:11:16: micro_batch 3 × 8 GPUs × grad_accum must equal the global batch of 256 sequences, but 256 / 8 = 32 per GPU is not a multiple of 3',
     'lora_bad_target': "error: recipe.yaml:19:7: method.lora.target_modules[0]: input should be 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj' or 'down_proj' (got 'qkv')",

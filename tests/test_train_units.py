@@ -51,7 +51,7 @@ def test_load_plan_reads_the_tiny_example(tiny_plan):
     ("edit", "message"),
     [
         (lambda p: p["batch"].pop("grad_accum"), "not a valid plan: batch.grad_accum: Field required"),
-        (lambda p: p.update(schema_version=1), ("schema_version 1 is not supported (this dapc reads 4); "
+        (lambda p: p.update(schema_version=1), ("schema_version 1 is not supported (this dapc reads 5); "
                                                 "compile the recipe again with this dapc")),
         (lambda p: p["recipe"]["training"].update(lr="fast"),
          "not a valid plan: recipe.training.lr: Input should be a valid number"),
