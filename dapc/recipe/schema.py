@@ -46,6 +46,9 @@ STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-def
 
 
 class Section(BaseModel):
+    # A sub-section left out defaults to `{}` (default_factory=dict), which validate_default turns into the
+    # section inside its parent's validator: a section class as the factory would build a second validator of
+    # its own on the first plan.
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False, defer_build=True)
 
 
@@ -77,7 +80,7 @@ class MethodSection(Section):
     name: Literal["full", "lora", "qlora"] = Field(
         "full", description="full continued pretraining, LoRA (frozen base), or QLoRA (frozen 4-bit base)."
     )
-    lora: LoraSection = Field(default_factory=LoraSection, description="Adapter settings (lora, qlora).")
+    lora: LoraSection = Field(default_factory=dict, description="Adapter settings (lora, qlora).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA 4-bit data type.")
     double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too.")
 
@@ -160,9 +163,9 @@ class DataSection(Section):
         "auto", description="How `chat` records become text: `auto` uses the tokenizer's own chat_template, else "
         "the built-in `chatml` (`<|im_start|>role\\ncontent<|im_end|>\\n`, written as plain text).")
     text_field: str = Field("text", min_length=1, description="The field holding the text (jsonl, parquet).")
-    dedup: DedupSection = Field(default_factory=DedupSection, description="Deduplication in `prepare` (off).")
+    dedup: DedupSection = Field(default_factory=dict, description="Deduplication in `prepare` (off).")
     decontamination: DecontaminationSection = Field(
-        default_factory=DecontaminationSection, description="Dropping documents that hold eval benchmark items.")
+        default_factory=dict, description="Dropping documents that hold eval benchmark items.")
     tokenizer: str | None = Field(
         None, description="Tokenizer directory or HF id; defaults to the model source."
     )
@@ -210,7 +213,7 @@ class TrainingSection(Section):
         "`dpo`: direct preference optimization on `preference` pairs against a reference model (the base with "
         "adapters off under LoRA/QLoRA, a frozen copy under full training). `orpo`: odds-ratio preference "
         "optimization, reference-free (SFT on the chosen response plus an odds-ratio penalty).")
-    preference: PreferenceSection = Field(default_factory=PreferenceSection,
+    preference: PreferenceSection = Field(default_factory=dict,
                                           description="dpo/orpo loss settings (ignored by cpt and sft).")
     tokens: int | None = Field(None, ge=1, description="Token budget; overrides `epochs`.")
     epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the corpus when `tokens` is unset.")
@@ -347,7 +350,7 @@ class LaunchSection(Section):
     cuda_expandable_segments: bool = Field(
         True, description="Run with PyTorch's expandable-segments CUDA allocator (less fragmentation); the memory "
         "model assumes what this says. Ignored where launch.env sets PYTORCH_CUDA_ALLOC_CONF.")
-    slurm: SlurmSection = Field(default_factory=SlurmSection, description="SLURM settings.")
+    slurm: SlurmSection = Field(default_factory=dict, description="SLURM settings.")
 
     @field_validator("env")
     @classmethod
@@ -446,9 +449,9 @@ class MlflowSection(Section):
 
 
 class LoggingSection(Section):
-    tensorboard: TensorBoardSection = Field(default_factory=TensorBoardSection, description="TensorBoard (on).")
-    wandb: WandbSection = Field(default_factory=WandbSection, description="Weights & Biases (off).")
-    mlflow: MlflowSection = Field(default_factory=MlflowSection, description="MLflow (off).")
+    tensorboard: TensorBoardSection = Field(default_factory=dict, description="TensorBoard (on).")
+    wandb: WandbSection = Field(default_factory=dict, description="Weights & Biases (off).")
+    mlflow: MlflowSection = Field(default_factory=dict, description="MLflow (off).")
 
 
 class Recipe(Section):
@@ -456,17 +459,17 @@ class Recipe(Section):
 
     name: SafeName = Field(description="Run name: letters, digits, `.`, `_`, `-`.")
     model: ModelSection
-    method: MethodSection = Field(default_factory=MethodSection)
+    method: MethodSection = Field(default_factory=dict)
     data: DataSection
-    training: TrainingSection = Field(default_factory=TrainingSection)
-    hardware: HardwareSection = Field(default_factory=HardwareSection)
+    training: TrainingSection = Field(default_factory=dict)
+    hardware: HardwareSection = Field(default_factory=dict)
     strategy: Literal["auto"] | StrategyName = Field(  # type: ignore[valid-type]
         "auto", description="Sharding strategy; `auto` lets the planner pick."
     )
-    launch: LaunchSection = Field(default_factory=LaunchSection)
-    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
+    launch: LaunchSection = Field(default_factory=dict)
+    checkpoint: CheckpointSection = Field(default_factory=dict)
+    eval: EvalSection = Field(default_factory=dict)
     logging: LoggingSection = Field(
-        default_factory=LoggingSection, description="Experiment tracking by the trainer's rank 0, besides "
+        default_factory=dict, description="Experiment tracking by the trainer's rank 0, besides "
         "metrics.jsonl: TensorBoard on, W&B and MLflow off unless enabled.")
     output: str = Field("runs", description="Run directory (relative to the recipe file); `render -o` overrides.")
