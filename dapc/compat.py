@@ -41,7 +41,8 @@ def _qlora(s: Setting) -> bool:
 
 
 def _reference_copy(s: Setting) -> bool:
-    return s.recipe.training.objective == "dpo" and s.recipe.method.name == "full"
+    t = s.recipe.training
+    return t.objective == "dpo" and s.recipe.method.name == "full" and t.preference.reference == "auto"
 
 
 def _uneven_rows(s: Setting) -> list[str]:
@@ -87,7 +88,8 @@ INCOMPATIBLE: tuple[Incompatibility, ...] = (
                     lambda s: _reference_copy(s) and s.strategy.params_on != "gpu",
                     lambda s: "dpo with full training holds a frozen reference copy of the model, which the runtime "
                               "keeps on the GPUs; with parameter offload it would not be offloaded: use a strategy "
-                              "that keeps parameters on the GPU, or LoRA (whose reference needs no copy)"),
+                              "that keeps parameters on the GPU, LoRA (whose reference needs no copy), or "
+                              "training.preference.reference precomputed"),
     Incompatibility(("hardware", "gpus_per_node"),
                     lambda s: _qlora(s) and s.strategy.backend == "fsdp2" and bool(_uneven_rows(s)),
                     lambda s: f"FSDP2 shards NF4 weights by rows over {s.shard} GPUs, which must divide every "

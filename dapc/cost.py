@@ -42,8 +42,15 @@ def flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int, metho
     if chunked_loss:
         flops += 2 * arch.hidden_size * arch.vocab_size
     if reference_forward:
-        flops += 2 * n + 4 * attention
+        flops += forward_flops_per_token(arch, params, seq_len)
     return float(flops)
+
+
+def forward_flops_per_token(arch: Architecture, params: ParamCounts, seq_len: int) -> float:
+    """Returns the FLOPs per token of one forward pass, no backward (PaLM Appendix B's forward third):
+    2·N + 4·L·H·Q·T."""
+    attention = arch.num_layers * arch.num_attention_heads * arch.head_dim * seq_len
+    return float(2 * matmul_params(params) + 4 * attention)
 
 
 @dataclass(frozen=True)
@@ -125,9 +132,11 @@ class RunCost:
     kwh: float
 
 
-def run_cost(steps: int, step_seconds: float, world_size: int, usd_per_gpu_hour: float, tdp_watts: float, pue: float) -> RunCost:
-    """Returns the run's cost; energy is every GPU at its TDP for the whole run, times the facility PUE."""
-    wall = steps * step_seconds
+def run_cost(steps: int, step_seconds: float, world_size: int, usd_per_gpu_hour: float, tdp_watts: float, pue: float,
+             before_training_seconds: float = 0.0) -> RunCost:
+    """Returns the run's cost: the steps plus what runs once before them (a precomputed dpo reference's pass);
+    energy is every GPU at its TDP for the whole run, times the facility PUE."""
+    wall = steps * step_seconds + before_training_seconds
     gpu_hours = wall * world_size / 3600
     return RunCost(
         steps=steps,

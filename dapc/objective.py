@@ -40,6 +40,9 @@ def tokenizer_has_chat_template(tokenizer: str) -> bool | None:
 def objective_decision(recipe: Recipe) -> dict[str, Any]:
     """Returns the plan's `objective`; raises PlanInputError, located, where the objective and the data disagree."""
     d, objective = recipe.data, recipe.training.objective
+    if recipe.training.preference.reference == "precomputed" and objective != "dpo":
+        raise PlanInputError(f"a precomputed reference is dpo's: objective {objective} has no reference model",
+                             ("training", "preference", "reference"))
     formats = [d.format] if d.paths else [s.format or d.format for s in d.sources]
     if d.replay is not None:
         formats.append(d.replay.format or d.format)
@@ -84,6 +87,9 @@ def _preference(recipe: Recipe) -> dict[str, Any]:
     p, method, objective = recipe.training.preference, recipe.method.name, recipe.training.objective
     if objective == "orpo":
         reference, why = "none", "orpo is reference-free"
+    elif p.reference == "precomputed":
+        reference, why = "precomputed", ("training.preference.reference precomputed: the starting model scores every "
+                                         "training pair once before step 1; no reference model during training")
     elif method in ("lora", "qlora"):
         reference, why = "adapters-off", (f"{method}: the reference is the base with the adapters disabled, the model "
                                           "before any update; no copy is held")

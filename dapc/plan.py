@@ -23,6 +23,8 @@ from dapc.planner import (
     expandable_segments,
     loss_decision,
     reference_forward,
+    reference_pass_seconds,
+    reference_pass_tokens,
     tokens_per_optimizer_step,
 )
 from dapc.resolve import Spec
@@ -65,6 +67,8 @@ def _paths(spec: Spec) -> dict[str, str]:
         "export_dir": str(out / "export"),
         "metrics_path": str(out / "metrics.jsonl"),
         "eval_dir": str(out / "eval"),
+        # dpo with a precomputed reference: the starting model's log-probabilities of every training pair
+        "reference_logps_path": str(out / "reference-logps.json") if reference_pass_tokens(spec) else None,
     }
 
 
@@ -210,7 +214,7 @@ def build_plan(spec: Spec, decision: Decision) -> Plan:
     hw = r.hardware
     cost_step = c.step
     run = run_cost(decision.steps, cost_step.step_seconds, spec.world_size, hw.usd_per_gpu_hour,
-                   spec.device.tdp_watts, hw.pue)
+                   spec.device.tdp_watts, hw.pue, reference_pass_seconds(spec))
     arch = asdict(spec.arch)
     arch.pop("config_path")  # where it was read is provenance, not architecture
     t = r.training

@@ -195,6 +195,8 @@ class Paths(_Part):
     export_dir: str
     metrics_path: str
     eval_dir: str
+    reference_logps_path: str | None = Field(description="dpo with a precomputed reference: the starting model's "
+                                             "summed log-probabilities of every training pair's two sequences.")
 
 
 class CorpusFileInfo(_Part):
@@ -258,7 +260,7 @@ class Preference(_Part):
                                              "chosen response's NLL plus λ·odds-ratio term (Hong et al. 2024).")
     beta: float
     label_smoothing: float
-    reference: Literal["copy", "adapters-off", "none"] = Field(
+    reference: Literal["copy", "adapters-off", "precomputed", "none"] = Field(
         description="copy: a frozen copy of the starting model, sharded like the policy; adapters-off: the LoRA "
         "base with its adapters disabled (no copy); none: reference-free (orpo).")
     reference_reason: str

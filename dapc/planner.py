@@ -161,7 +161,8 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: s
         # as the 560 MiB baseline was measured, without its creep over long runs.
         cpu_fixed_mmap_threshold="MALLOC_MMAP_THRESHOLD_" in r.launch.env,
         document_masks=r.data.document_boundaries == "separate",
-        reference_copy=r.training.objective == "dpo" and r.method.name == "full",
+        reference_copy=r.training.objective == "dpo" and r.method.name == "full"
+        and r.training.preference.reference == "auto",
     )
     return replace(workload, **changes) if changes else workload
 
@@ -236,7 +237,27 @@ def tokens_per_optimizer_step(spec: Spec) -> int:
 
 def reference_forward(spec: Spec) -> bool:
     """Returns whether every step also runs the dpo reference forward (the copy, or the base with adapters off)."""
-    return spec.recipe.training.objective == "dpo"
+    t = spec.recipe.training
+    return t.objective == "dpo" and t.preference.reference == "auto"
+
+
+def reference_pass_tokens(spec: Spec) -> int:
+    """Returns the tokens a precomputed dpo reference scores once before training (every training pair, both
+    sequences; `_pair_tokens`), else 0."""
+    t = spec.recipe.training
+    if t.objective != "dpo" or t.preference.reference != "precomputed":
+        return 0
+    return sum((_pair_tokens(spec) or {}).values())
+
+
+def reference_pass_seconds(spec: Spec) -> float:
+    """Returns the modelled seconds of a precomputed reference's pass (forward only, every GPU at the assumed
+    MFU), else 0."""
+    tokens = reference_pass_tokens(spec)
+    if not tokens:
+        return 0.0
+    flops = cost.forward_flops_per_token(spec.arch, spec.params, spec.recipe.data.seq_len) * tokens
+    return flops / (spec.world_size * spec.device.bf16_tflops * 1e12 * spec.recipe.hardware.assumed_mfu)
 
 
 def recompute_share(w: Workload) -> float:

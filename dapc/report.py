@@ -74,6 +74,8 @@ def summary_lines(plan: Plan) -> list[str]:
         f"{_checkpointing(plan.activation_checkpointing, plan.activation_checkpointing_every_layers, long=True)}",
         _fewest_line(plan),
         f"objective: {plan.objective.name}: {escape(plan.objective.targets)} ({escape(plan.objective.reason)})",
+        *([f"reference: {pair.reference} ({escape(pair.reference_reason)})"]
+          if (pair := plan.objective.preference) is not None else []),
         f"loading: {plan.loading.mode} ({escape(plan.loading.reason)})",
         f"loss: {escape(plan.loss.reason)}",
         f"torch.compile: {escape(plan.torch_compile.reason)}",

@@ -204,6 +204,11 @@ class PreferenceSection(Section):
                         "2023); orpo: the odds-ratio term's weight λ (Hong et al. 2024).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: the share of preference labels assumed "
                                    "flipped (conservative DPO, cDPO); 0 is plain DPO.")
+    reference: Literal["auto", "precomputed"] = Field(
+        "auto", description="dpo: where the reference log-probabilities come from. `auto`: scored every step, by "
+        "the base with the adapters disabled (LoRA/QLoRA) or a frozen copy of the starting model (full). "
+        "`precomputed`: the starting model scores every training pair once before step 1 (kept beside the run, "
+        "reused on resume); no reference model is held or run during training.")
 
 
 class TrainingSection(Section):

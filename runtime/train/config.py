@@ -52,7 +52,8 @@ class PreferenceSettings:
     loss: str  # sigmoid (dpo) | orpo
     beta: float
     label_smoothing: float
-    reference: str  # copy | adapters-off | none
+    reference: str  # copy | adapters-off | precomputed | none
+    reference_logps_path: str | None  # precomputed: plan.json paths.reference_logps_path
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def train_plan(plan: Plan, path: str) -> TrainPlan:
         document_boundaries=r.data.document_boundaries,
         objective=plan.objective.name,
         preference=None if (p := plan.objective.preference) is None else PreferenceSettings(
-            p.loss, p.beta, p.label_smoothing, p.reference),
+            p.loss, p.beta, p.label_smoothing, p.reference, plan.paths.reference_logps_path),
         tokens_per_step=b.global_batch_tokens,
         checkpoint_dir=plan.paths.checkpoint_dir,
         export_dir=plan.paths.export_dir,

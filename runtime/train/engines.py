@@ -9,14 +9,15 @@ saving/loading their states into a checkpoint folder.
 The learning rate is a pure function of the step (`optim.lr_at`), set on the param groups before every
 optimizer step, so no scheduler state exists to save. What a micro-step's loss is (next tokens, or a preference
 pair's score against a reference) is the plan's objective (`_objective`): the DPO reference is the policy with its
-adapters off, or a frozen copy built like the policy and sharded by the same backend (never optimized or saved).
+adapters off, a frozen copy built like the policy and sharded by the same backend (never optimized or saved), or
+a table the policy scored before step 1 (`score`, reference precomputed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,7 @@ from .model import (
 from .nf4 import is_nf4, unshardable_nf4
 from .optim import build_optimizer, param_groups
 from .preference import PreferenceLoss, adapters_off, sequence_logps
+from .reference_logps import PrecomputedReference
 
 __all__ = ["DCP_DIR", "DEEPSPEED_DIR", "DeepSpeedEngine", "Engine", "TorchEngine", "make_engine"]
 
@@ -67,6 +69,11 @@ class Engine:
         statistics (dpo/orpo: rewards, margin, accuracy; else none). `last` is the final micro-batch of the
         step: gradients are synchronized only then. `position_ids`: per-document positions
         (data.document_boundaries separate), else None."""
+        raise NotImplementedError
+
+    def score(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Returns the policy's summed log-probabilities of each row's targets [rows] (forward only; call under
+        torch.no_grad): what a precomputed dpo reference stores, scored before step 1."""
         raise NotImplementedError
 
     def optimizer_step(self, lr: float) -> torch.Tensor | float:
@@ -125,6 +132,16 @@ def _reference_plan(plan: TrainPlan) -> TrainPlan:
     return replace(plan, trained_dtype=plan.precision, activation_checkpointing="off", compile_layers=False)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """The module in eval mode (no dropout), as a frozen reference copy runs; back to training after."""
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
@@ -168,10 +185,17 @@ class TorchEngine(Engine):
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach(), stats
 
+    def score(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with _eval_mode(self.model), self._autocast():
+            return sequence_logps(self.model, input_ids, labels, chunked_loss_head(self.model))[0]
+
     def _reference(self, plan: TrainPlan, device: torch.device) -> Reference | None:
         kind = plan.preference.reference if plan.preference else "none"
         if kind == "adapters-off":
             return _adapters_off_reference(self.model)
+        if kind == "precomputed":
+            self.precomputed = PrecomputedReference()
+            return self.precomputed
         if kind != "copy":
             return None
         reference_plan = _reference_plan(plan)
@@ -325,6 +349,9 @@ class DeepSpeedEngine(Engine):
         kind = plan.preference.reference if plan.preference else "none"
         if kind == "adapters-off":
             return _adapters_off_reference(self.engine)
+        if kind == "precomputed":
+            self.precomputed = PrecomputedReference()
+            return self.precomputed
         if kind != "copy":
             return None
         reference = _frozen(build_model(_reference_plan(plan), device))
@@ -337,6 +364,10 @@ class DeepSpeedEngine(Engine):
         else:  # ZeRO-1/2 keep whole parameters on every rank: so does the reference, in the compute dtype
             self.reference_model = reference.to(device=device, dtype=compute_dtype(plan))
         return _copy_reference(self.reference_model)
+
+    def score(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with _eval_mode(self.engine):
+            return sequence_logps(self.engine, input_ids, labels, chunked_loss_head(self.engine))[0]
 
     def optimizer_step(self, lr: float) -> float:
         for group in self.engine.optimizer.param_groups:

@@ -45,6 +45,7 @@ from .metrics import MetricsLog, mfu
 from .model import build_model
 from .nf4 import NF4Linear
 from .optim import lr_at
+from .reference_logps import reference_table
 from .resume import Resume, check_resumable, trainer_state
 from .tracking import Tracker, check_installed
 
@@ -93,6 +94,10 @@ def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None
     del model
     if d.is_main:
         clear_leftovers(plan.checkpoint_dir)
+    if plan.preference is not None and plan.preference.reference == "precomputed":
+        # Before any restore: scored by the starting model, or read back (a resumed run never rescores)
+        engine.precomputed.fill(reference_table(plan.preference.reference_logps_path, dataset, plan.micro_batch,
+                                                engine.score, d.device, resume is not None, log.say))
     step = 0 if resume is None else _restore(engine, sampler, resume, d, log)
     log.record("start", step=step, steps=plan.steps, resumed_from=str(resume.folder) if resume else None,
                resumed_world_size=resume.world_size if resume else None,

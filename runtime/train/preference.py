@@ -11,7 +11,8 @@ DPO (Rafailov et al. 2023, eq. 7; label smoothing as conservative DPO, TRL's `si
     loss = −(1 − ε)·log σ(z) − ε·log σ(−z), averaged over the pairs
 The reference scores come from the base with LoRA's adapters disabled (no copy), or from a frozen copy of the
 starting model built and sharded like the policy (full training); they are computed under no_grad before the
-policy's forward, so nothing of theirs is alive at the step's peak.
+policy's forward, so nothing of theirs is alive at the step's peak. Or they were scored once before step 1 by the
+starting model and are looked up (`reference_logps.py`, reference precomputed).
 
 ORPO (Hong et al. 2024, eq. 6-7), reference-free, on the mean log-probability per target token p̄:
     log odds(y) = p̄(y) − log(1 − exp(p̄(y)))
