@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from dapc.models import Architecture, decoder_linear_shapes
 from dapc.recipe import Recipe
+from dapc.reference import reference_kind
 from dapc.strategies import Strategy, shard_degree
 
 NF4_BLOCK = 64  # values per NF4 block scale (runtime/train/nf4.py, QLoRA §3)
@@ -41,8 +42,7 @@ def _qlora(s: Setting) -> bool:
 
 
 def _reference_copy(s: Setting) -> bool:
-    t = s.recipe.training
-    return t.objective == "dpo" and s.recipe.method.name == "full" and t.preference.reference == "auto"
+    return reference_kind(s.recipe) == "copy"
 
 
 def _uneven_rows(s: Setting) -> list[str]:

@@ -72,6 +72,11 @@ def _ring_seconds(bytes_per_gpu: float, group: int, gbps: float) -> float:
     return 0.0 if group <= 1 else bytes_per_gpu * (group - 1) / group / (gbps * 1e9)
 
 
+def compute_seconds(flops: float, world_size: int, device: Device, mfu: float) -> float:
+    """Returns the seconds `flops` take spread over `world_size` devices at `mfu` of their dense bf16 peak."""
+    return flops / (world_size * device.bf16_tflops * 1e12 * mfu)
+
+
 def step_time(
     strategy: Strategy,
     device: Device,
@@ -91,7 +96,7 @@ def step_time(
     `param_bytes` is the whole parameter set as gathered (compute dtype, or NF4 for QLoRA); sharded
     strategies gather it twice per micro-batch (forward, backward) and reduce-scatter gradients.
     """
-    compute = flops_token * tokens_per_step / (world_size * device.bf16_tflops * 1e12 * mfu)
+    compute = compute_seconds(flops_token * tokens_per_step, world_size, device, mfu)
     nodes = max(1, world_size // gpus_per_node)
     link = inter_node_gbps if nodes > 1 else device.intra_node_gbps
     n_t = trainable_params

@@ -16,6 +16,7 @@ from dapc.lock import MISTRAL_COMMON_PREFIX
 from dapc.planner import PlanInputError
 from dapc.recipe import Recipe
 from dapc.recipe.schema import PREFERENCE_OBJECTIVES, RECORD_FORMATS
+from dapc.reference import reference_kind
 
 __all__ = ["objective_decision", "tokenizer_has_chat_template"]
 
@@ -85,17 +86,14 @@ def objective_decision(recipe: Recipe) -> dict[str, Any]:
 
 def _preference(recipe: Recipe) -> dict[str, Any]:
     p, method, objective = recipe.training.preference, recipe.method.name, recipe.training.objective
-    if objective == "orpo":
-        reference, why = "none", "orpo is reference-free"
-    elif p.reference == "precomputed":
-        reference, why = "precomputed", ("training.preference.reference precomputed: the starting model scores every "
-                                         "training pair once before step 1; no reference model during training")
-    elif method in ("lora", "qlora"):
-        reference, why = "adapters-off", (f"{method}: the reference is the base with the adapters disabled, the model "
-                                          "before any update; no copy is held")
-    else:
-        reference, why = "copy", ("full training changes the weights themselves: a frozen copy of the starting model, "
-                                  "sharded like the policy, in training.precision")
+    reference = reference_kind(recipe)
+    why = {"none": "orpo is reference-free",
+           "precomputed": "training.preference.reference precomputed: the starting model scores every training pair "
+                          "once before step 1; no reference model during training",
+           "adapters-off": f"{method}: the reference is the base with the adapters disabled, the model before any "
+                           "update; no copy is held",
+           "copy": "full training changes the weights themselves: a frozen copy of the starting model, sharded like "
+                   "the policy, in training.precision"}[reference]
     return {"loss": "sigmoid" if objective == "dpo" else "orpo", "beta": p.beta,
             "label_smoothing": p.label_smoothing if objective == "dpo" else 0.0, "reference": reference,
             "reference_reason": why, "sequences_per_example": 2}

@@ -24,9 +24,9 @@ from dapc.planner import (
     loss_decision,
     reference_forward,
     reference_pass_seconds,
-    reference_pass_tokens,
     tokens_per_optimizer_step,
 )
+from dapc.reference import reference_kind
 from dapc.resolve import Spec
 from dapc.runtime_config import deepspeed_config, fsdp_section
 from dapc.schedule import key_points
@@ -68,7 +68,8 @@ def _paths(spec: Spec) -> dict[str, str]:
         "metrics_path": str(out / "metrics.jsonl"),
         "eval_dir": str(out / "eval"),
         # dpo with a precomputed reference: the starting model's log-probabilities of every training pair
-        "reference_logps_path": str(out / "reference-logps.json") if reference_pass_tokens(spec) else None,
+        "reference_logps_path": str(out / "reference-logps.json")
+        if reference_kind(spec.recipe) == "precomputed" else None,
     }
 
 

@@ -17,6 +17,7 @@ from dapc.loading import Loading
 from dapc.memory import CHECKPOINT_MODES, GIB, Workload
 from dapc.models import lora_trainable_params
 from dapc.recipe.schema import PREFERENCE_OBJECTIVES
+from dapc.reference import reference_kind
 from dapc.resolve import Spec
 from dapc.sources import PlannedSource, SourcePlanError, plan_sources
 from dapc.strategies import PREFERENCE_ORDER, STRATEGIES, Strategy
@@ -161,8 +162,7 @@ def _workload(spec: Spec, strategy: Strategy, micro_batch: int, checkpointing: s
         # as the 560 MiB baseline was measured, without its creep over long runs.
         cpu_fixed_mmap_threshold="MALLOC_MMAP_THRESHOLD_" in r.launch.env,
         document_masks=r.data.document_boundaries == "separate",
-        reference_copy=r.training.objective == "dpo" and r.method.name == "full"
-        and r.training.preference.reference == "auto",
+        reference_copy=reference_kind(r) == "copy",
     )
     return replace(workload, **changes) if changes else workload
 
@@ -237,15 +237,13 @@ def tokens_per_optimizer_step(spec: Spec) -> int:
 
 def reference_forward(spec: Spec) -> bool:
     """Returns whether every step also runs the dpo reference forward (the copy, or the base with adapters off)."""
-    t = spec.recipe.training
-    return t.objective == "dpo" and t.preference.reference == "auto"
+    return reference_kind(spec.recipe) in ("copy", "adapters-off")
 
 
 def reference_pass_tokens(spec: Spec) -> int:
     """Returns the tokens a precomputed dpo reference scores once before training (every training pair, both
     sequences; `_pair_tokens`), else 0."""
-    t = spec.recipe.training
-    if t.objective != "dpo" or t.preference.reference != "precomputed":
+    if reference_kind(spec.recipe) != "precomputed":
         return 0
     return sum((_pair_tokens(spec) or {}).values())
 
@@ -257,7 +255,7 @@ def reference_pass_seconds(spec: Spec) -> float:
     if not tokens:
         return 0.0
     flops = cost.forward_flops_per_token(spec.arch, spec.params, spec.recipe.data.seq_len) * tokens
-    return flops / (spec.world_size * spec.device.bf16_tflops * 1e12 * spec.recipe.hardware.assumed_mfu)
+    return cost.compute_seconds(flops, spec.world_size, spec.device, spec.recipe.hardware.assumed_mfu)
 
 
 def recompute_share(w: Workload) -> float:

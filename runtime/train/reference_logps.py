@@ -60,9 +60,8 @@ def reference_table(path: str, pairs, micro_batch: int, score: Scorer, device: t
     """Returns the table of every training pair's two rows: read from `path` when a complete one is there, else
     scored now by `score` (the starting model; collective: every rank scores a share and all gather) and written
     by rank 0. Raises PlanError when a resumed run has lost it (the starting model is gone)."""
-    keys = _all_keys(pairs)
     stored = _read(Path(path))
-    if stored is not None and keys <= stored.keys():
+    if stored is not None and _all_keys(pairs) <= stored.keys():
         say(f"reference: {len(pairs):,} pairs' log-probabilities read from {path}")
         return stored
     if resuming:
