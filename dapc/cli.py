@@ -11,11 +11,6 @@ import click
 
 from dapc.errors import DapcError
 
-# pydantic looks for plugins in the entry points of every installed distribution when it builds its first
-# validator: ~10 ms of each `dapc plan` beside a training stack of ~200 packages. dapc uses none; a user's
-# own setting stands.
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-
 EXIT_UNFIT = 3
 _set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe field (repeatable)."

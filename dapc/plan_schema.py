@@ -3,7 +3,7 @@
 The compiler builds a `Plan`; render and report read its fields; every runtime entry point (prepare, train,
 export, evaluate) calls `load_plan`, which checks `schema_version` first and then every key and type, and
 raises `PlanError` (one line naming the file and the key path, exit 2) for anything else. Nothing indexes a
-raw plan dict. `recipe` is the resolved recipe itself (the same pydantic model the compiler validated).
+raw plan dict. `recipe` is the resolved recipe itself (the same record the compiler validated).
 """
 
 
@@ -12,13 +12,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from dapc.dtypes import Precision
 from dapc.errors import DapcError
 from dapc.loading import LoadMode
 from dapc.memory import CHECKPOINT_MODES
 from dapc.recipe.schema import DataFormat, Recipe, StrategyName
+from dapc.typed import Field, Model, ValidationError
 
 SCHEMA_VERSION = 5
 MAX_PLAN_BYTES = 64 * 1024**2  # a plan is kilobytes; anything this large is not one
@@ -34,8 +33,8 @@ class PlanError(DapcError):
 CheckpointMode = Literal[CHECKPOINT_MODES]  # type: ignore[valid-type]
 
 
-class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
+class _Part(Model):
+    pass
 
 
 class ParamGroups(_Part):

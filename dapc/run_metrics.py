@@ -12,9 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from dapc.errors import DapcError
+from dapc.typed import Field, Model, ValidationError
 
 __all__ = ["MemoryRecord", "MetricsError", "RunLog", "StartRecord", "StepRecord", "read_metrics"]
 
@@ -25,8 +24,8 @@ class MetricsError(DapcError):
     """A metrics.jsonl that cannot be read, or a line in it that is not one of the trainer's records."""
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+class _Record(Model, extra="ignore", strict=True, finite=False):
+    pass
 
 
 class StepRecord(_Record):

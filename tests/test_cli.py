@@ -44,7 +44,7 @@ def test_compiler_commands_never_import_torch(tmp_path, command):
             "schema": ["schema"]}[command]
     code = ("import sys\nfrom dapc.cli import main\n"
             "try:\n    main(standalone_mode=False)\nfinally:\n"
-            "    heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'accelerate', 'peft') if m in sys.modules)\n"
+            "    heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed', 'accelerate', 'peft', 'pydantic') if m in sys.modules)\n"
             "    print('HEAVY', heavy, file=sys.stderr)\n")
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""Load a recipe: YAML with positions, `base:` inheritance, `--set` overrides, pydantic validation.
+"""Load a recipe: YAML with positions, `base:` inheritance, `--set` overrides, typed validation (`dapc.typed`).
 
 Every error names where the offending value was written: `file:line:col`, or the `--set` flag.
 """
@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
 
 from dapc.errors import RecipeError
 from dapc.recipe.schema import Recipe
 from dapc.recipe.yaml_positions import KeyPath, load_yaml
+from dapc.typed import Model, ValidationError
 
 _MAX_BASE_DEPTH = 16
 
@@ -128,20 +128,20 @@ def _apply_override(data: dict, positions: dict[KeyPath, str], override: str) ->
     positions[keys + ("<key>",)] = where
 
 
-def _model_at(path: KeyPath) -> type[BaseModel] | None:
+def _model_at(path: KeyPath) -> type[Model] | None:
     model: Any = Recipe
     for key in path:
         if isinstance(key, int):
             continue
-        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, Model) else None
         if field is None:
             return None
         model = _first_model(field.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+    return model if isinstance(model, type) and issubclass(model, Model) else None
 
 
 def _first_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if isinstance(annotation, type) and issubclass(annotation, Model):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
         found = _first_model(arg)
@@ -151,7 +151,7 @@ def _first_model(annotation: Any) -> Any:
 
 
 def _field_path(loc: tuple, data: dict) -> KeyPath:
-    """Keeps the leading part of a pydantic error location that names real keys (drops union tags)."""
+    """Keeps the leading part of an error location that names written keys, and the first missing one."""
     path: list[Any] = []
     node: Any = data
     for key in loc:
@@ -159,18 +159,13 @@ def _field_path(loc: tuple, data: dict) -> KeyPath:
             node = node[key]
         elif isinstance(node, list) and isinstance(key, int) and key < len(node):
             node = node[key]
-        elif isinstance(node, dict) and not path_has_tag(key):
+        elif isinstance(node, dict):
             path.append(key)  # a missing field: name it, stop descending
             break
         else:
             break
         path.append(key)
     return tuple(path)
-
-
-def path_has_tag(key: Any) -> bool:
-    """True for pydantic's union-branch tags in error locations (e.g. `literal['auto']`, `int`)."""
-    return isinstance(key, str) and ("[" in key or key in {"int", "float", "str", "bool"})
 
 
 def _dotted(path: KeyPath) -> str:

@@ -1,4 +1,5 @@
-"""The recipe: what the user said. Pydantic models, `extra="forbid"`, every field typed, defaulted, described.
+"""The recipe: what the user said. Typed records (`dapc.typed`), unknown keys refused, every field typed,
+defaulted, described.
 
 Validators here only check; derived values (tokens, steps, micro-batch, strategy) are the planner's job.
 """
@@ -7,23 +8,15 @@ Validators here only check; derived values (tokens, steps, micro-batch, strategy
 import re
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    field_validator,
-    model_validator,
-)
-
 from dapc.dtypes import Precision
 from dapc.models.params import LINEAR_MODULES
+from dapc.typed import Field, Model, field_validator, model_validator
 
 SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-SafeName = Annotated[str, StringConstraints(pattern=SAFE_NAME_PATTERN)]
+SafeName = Annotated[str, Field(pattern=SAFE_NAME_PATTERN)]
 # Kubernetes names of namespaces and labels: an RFC 1123 label (lower case, digits, '-', alphanumeric ends).
 K8S_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
-K8sLabel = Annotated[str, StringConstraints(pattern=K8S_LABEL_PATTERN)]
+K8sLabel = Annotated[str, Field(pattern=K8S_LABEL_PATTERN)]
 # Variables the rendered scripts set or torchrun reads: an env entry of the same name would override them.
 RESERVED_ENV_NAMES = frozenset({"plan", "plan_dir", "master_addr", "master_port", "head_node", "stop_file",
                                 "missing", "child", "status", "DAPC_PLAN", "MASTER_ADDR", "MASTER_PORT", "RANK",
@@ -45,11 +38,9 @@ StrategyName = Literal[
 STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__  # type: ignore[attr-defined]
 
 
-class Section(BaseModel):
-    # A sub-section left out defaults to `{}` (default_factory=dict), which validate_default turns into the
-    # section inside its parent's validator: a section class as the factory would build a second validator of
-    # its own on the first plan.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False, defer_build=True)
+class Section(Model):
+    """A recipe section: unknown keys refused, lax input (YAML's `3e-4` is a float). A sub-section left out
+    defaults to `{}` (default_factory=dict), checked like a written one."""
 
 
 class ModelSection(Section):
