@@ -138,6 +138,26 @@ class Workload:
         return 4 if self.precision == "fp32" else 2
 
     @property
+    def stream_bytes(self) -> int:
+        """Bytes per element of the residual stream between decoder layers (σ): the embedding's output dtype.
+        FSDP2 gathers parameters in the compute dtype and DeepSpeed casts the module to it; under DDP the
+        embedding and the norms run in the dtype they are stored in and autocast leaves additions alone, so an
+        fp32 embedding (full training's fp32 weights, a LoRA/QLoRA base loaded in fp32: what peft's
+        prepare_model_for_kbit_training makes) carries fp32 through every layer."""
+        if self.strategy.backend != "ddp":
+            return self.compute_bytes
+        stored = self.loading.trained_dtype if self.method == "full" else self.loading.base_dtype
+        return max(DTYPE_BYTES[stored], self.compute_bytes)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes per element of the LoRA adapters as a matmul reads them: FSDP2 and DeepSpeed hand them over in
+        the compute dtype, DDP in the dtype they are stored in."""
+        if self.strategy.backend != "ddp":
+            return self.compute_bytes
+        return DTYPE_BYTES[self.loading.trained_dtype]
+
+    @property
     def shard(self) -> int:
         """The shard degree D."""
         return shard_degree(self.strategy, self.world_size, self.gpus_per_node)
@@ -270,57 +290,100 @@ def optimizer(w: Workload) -> Figure:
 
 
 def _norm_bytes_per_token(w: Workload) -> int:
-    # transformers' LlamaRMSNorm upcasts to fp32 and keeps that copy for backward (4h), then the
-    # weight multiply keeps the normalized input in the compute dtype (c·h) and the output feeds the
-    # next Linear, which keeps it (c·h).
-    return (4 + 2 * w.compute_bytes) * w.arch.hidden_size
+    # transformers' LlamaRMSNorm upcasts its input to fp32 (the stream itself when it is fp32) and keeps that for
+    # backward (4h), and its weight multiply keeps the normalized input, cast back to the stream dtype (σ·h), for
+    # the weight's gradient (counted for a frozen base too: see `_linear_inputs_bytes_per_token`).
+    return (4 + w.stream_bytes) * w.arch.hidden_size
+
+
+def _linear_inputs_bytes_per_token(w: Workload, width: int, input_bytes: int, consumers: tuple[str, ...],
+                                   saved_elsewhere: bool = False) -> int:
+    """Returns bytes per token that the Linears reading one tensor (`width` wide, `input_bytes` per element)
+    keep of it for their weight gradients.
+
+    A Linear keeps its input in the compute dtype: the tensor itself when it is already in it (one copy for all
+    its readers), otherwise autocast's cast, which autocast does not cache for activations: one copy per reader.
+    A frozen base is counted as if trained. In dapc's runtime it keeps only its weight (torch's linear
+    backward; torchao's LinearNF4 saves the weight alone), but bitsandbytes' MatMul4Bit as the published QLoRA
+    runs used it (its 2024 releases: `ctx.tensors = (A, B)` whenever the input needs a gradient) keeps the
+    input, and the published runs plan within bounds only with it (tests/published_runs.py: median 3.1% with,
+    6.5% without): the plan stays an upper bound on dapc's runtime, by what tests/test_memory_activations.py
+    measures. A LoRA adapter's lora_A keeps its input too: peft casts it to the adapter's dtype and autocast
+    casts that to the compute dtype, so it is the shared tensor only when all three agree and there is no
+    dropout; dropout keeps its mask and lora_A its dropped copy. The mask is bool on a GPU (CUDA's fused
+    native_dropout) and in the input's dtype on a CPU (aten's unfused dropout multiplies by a mask of that
+    dtype). `saved_elsewhere`: the shared copy is already counted (the SDPA output o_proj reads as a view).
+    """
+    c = w.compute_bytes
+    mask_bytes = w.adapter_bytes if w.on_cpu else 1
+    shared, copies, masks = (True, 0, 0) if input_bytes == c else (False, len(consumers), 0)
+    for _ in [name for name in consumers if name in w.lora_targets] if w.method != "full" else ():
+        if w.lora_dropout > 0:
+            masks, copies = masks + 1, copies + 1
+        elif not input_bytes == w.adapter_bytes == c:
+            copies += 1
+    kept = copies + (1 if shared and not saved_elsewhere else 0)
+    return width * (c * kept + mask_bytes * masks)
+
+
+def _lora_rank(w: Workload) -> int:
+    shapes = decoder_linear_shapes(w.arch)
+    targets = [name for name in w.lora_targets if name in shapes]
+    if w.method == "full" or not targets:
+        return 0
+    return _lora_params_per_layer(w) // sum(shapes[name][0] + shapes[name][1] for name in targets)
 
 
 def layer_activation_bytes_per_token(w: Workload) -> int:
-    """Returns bytes saved for backward by one decoder layer per token (SDPA/flash attention, no dropout).
+    """Returns bytes saved for backward by one decoder layer per token (SDPA/flash attention).
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1)
     count 34·s·b·h bytes per layer for GPT with fp16 and flash-style attention (no 5·a·s²·b term).
     Here the same inventory is taken tensor by tensor for transformers' Llama layer, and checked
-    against the tensors autograd actually saves (tests/test_memory_activations.py): two RMSNorms (see
-    above); attention keeps the rotated q (c·h), k and v at their GQA width (2·c·h_kv; SDPA takes
-    `enable_gqa`), the SDPA output, which o_proj reads as a view (c·h), and the fp32 log-sum-exp
-    (4·a); the SwiGLU MLP keeps gate, up, silu(gate) and their product (4·c·i). RoPE's cos and sin
-    are computed once per model and shared by all layers (see `activations`).
+    against the tensors autograd actually saves, for full training, LoRA (targets, dropout, adapter dtype) and
+    an fp32 residual stream under autocast (tests/test_memory_activations.py): two RMSNorms (see above); the
+    inputs the Linears keep (`_linear_inputs_bytes_per_token`); attention keeps the rotated q (c·h_q), k and v at
+    their GQA width (2·c·h_kv; SDPA takes `enable_gqa`), the SDPA output, which o_proj reads as a view
+    (c·h_q), and the fp32 log-sum-exp (4·a); the SwiGLU MLP keeps gate, up and silu(gate) (3·c·i), and down_proj
+    their product; each LoRA adapter's lora_A output (c·r), which lora_B keeps. RoPE's cos and sin are computed
+    once per model and shared by all layers (see `activations`). The residual stream is σ wide per element
+    (`Workload.stream_bytes`), the matmul outputs c.
     """
-    c, a = w.compute_bytes, w.arch
-    kv_width = a.num_key_value_heads * a.head_dim
-    attention = c * (2 * a.hidden_size + 2 * kv_width) + 4 * a.num_attention_heads
-    mlp = 4 * c * a.intermediate_size
-    lora = 0
-    if w.method != "full" and w.lora_dropout > 0:
-        # peft applies dropout to each targeted Linear's input: the dropped copy (c) and mask (1 byte).
-        shapes = decoder_linear_shapes(a)
-        lora = sum((c + 1) * shapes[name][0] for name in w.lora_targets)
-    return 2 * _norm_bytes_per_token(w) + attention + mlp + lora
+    c, a, sigma = w.compute_bytes, w.arch, w.stream_bytes
+    q_width, kv_width = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    attention = c * (2 * q_width + 2 * kv_width) + 4 * a.num_attention_heads
+    mlp = 3 * c * a.intermediate_size
+    inputs = (_linear_inputs_bytes_per_token(w, a.hidden_size, sigma, ("q_proj", "k_proj", "v_proj"))
+              + _linear_inputs_bytes_per_token(w, q_width, c, ("o_proj",), saved_elsewhere=True)
+              + _linear_inputs_bytes_per_token(w, a.hidden_size, sigma, ("gate_proj", "up_proj"))
+              + _linear_inputs_bytes_per_token(w, a.intermediate_size, c, ("down_proj",)))
+    adapters = c * _lora_rank(w) * len([name for name in w.lora_targets if w.method != "full"])
+    return 2 * _norm_bytes_per_token(w) + attention + mlp + inputs + adapters
 
 
 def selective_layer_bytes_per_token(w: Workload) -> int:
     """Returns bytes one decoder layer keeps per token under selective checkpointing (runtime/train/
     checkpointing.py: every matmul's and attention's outputs are kept, the ops between them recomputed, as
-    torchtitan's op-level policy). Kept: the layer's input (c·h, checkpoint's own), the q, k, v projections
-    (c·h + 2·c·h_kv), attention's output and fp32 log-sum-exp (c·h + 4·a), o_proj's output (c·h), gate and up
+    torchtitan's op-level policy). Kept: the layer's input (σ·h, checkpoint's own), the q, k, v projections
+    (c·h_q + 2·c·h_kv), attention's output and fp32 log-sum-exp (c·h_q + 4·a), o_proj's output (c·h), gate and up
     (2·c·i) and down's output (c·h); with LoRA also each adapter's two matmul outputs (c·(r + out)) [the same
     inventory as `layer_activation_bytes_per_token`, restricted to matmul and attention outputs; checked
     against torch's MemTracker in tests/test_memory_fake_oracle.py]."""
     c, a = w.compute_bytes, w.arch
-    kv_width = a.num_key_value_heads * a.head_dim
-    kept = c * (5 * a.hidden_size + 2 * kv_width + 2 * a.intermediate_size) + 4 * a.num_attention_heads
-    if w.method != "full" and w.lora_targets:
-        shapes = decoder_linear_shapes(a)
-        rank = _lora_params_per_layer(w) // sum(shapes[name][0] + shapes[name][1] for name in w.lora_targets)
+    q_width, kv_width = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+    kept = (w.stream_bytes * a.hidden_size + c * (2 * q_width + 2 * kv_width + 2 * a.hidden_size
+                                                  + 2 * a.intermediate_size) + 4 * a.num_attention_heads)
+    rank, shapes = _lora_rank(w), decoder_linear_shapes(a)
+    if rank:
         kept += sum(c * (rank + shapes[name][1]) for name in w.lora_targets)
     return kept
 
 
 def _final_norm_and_rope_bytes_per_token(w: Workload) -> int:
-    # The final norm (its output is what lm_head keeps) and RoPE's cos and sin, shared by all layers.
-    return _norm_bytes_per_token(w) + 2 * w.compute_bytes * w.arch.head_dim
+    # The final norm, the input lm_head keeps (trained only in full training) and RoPE's cos and sin, shared by
+    # all layers and made in the stream's dtype.
+    head_input = _linear_inputs_bytes_per_token(w, w.arch.hidden_size, w.stream_bytes, ("lm_head",))
+    return _norm_bytes_per_token(w) + head_input + 2 * w.stream_bytes * w.arch.head_dim
 
 
 def activations_kept(w: Workload) -> Figure:
@@ -341,11 +404,11 @@ def _activations_kept(w: Workload) -> Figure:
         # Korthikanti et al. §5 full recomputation: each checkpointed layer keeps only its input (c·s·b·h); with
         # every k-th layer checkpointed, the others keep their whole inventory.
         n, rest = w.checkpointed_layers, w.arch.num_layers - w.checkpointed_layers
-        kept = (n * w.compute_bytes * w.arch.hidden_size + rest * layer_activation_bytes_per_token(w)) * tokens
+        kept = (n * w.stream_bytes * w.arch.hidden_size + rest * layer_activation_bytes_per_token(w)) * tokens
         if rest:
-            return Figure(kept + final_norm, f"⌈L/{w.checkpoint_every_layers}⌉·c·s·b·h inputs of checkpointed layers "
+            return Figure(kept + final_norm, f"⌈L/{w.checkpoint_every_layers}⌉·σ·s·b·h inputs of checkpointed layers "
                           "+ the other layers' inventory·s·b + final norm, RoPE")
-        return Figure(kept + final_norm, "L·c·s·b·h layer inputs + final norm, RoPE")
+        return Figure(kept + final_norm, "L·σ·s·b·h layer inputs + final norm, RoPE")
     if w.activation_checkpointing == "selective":
         kept = w.arch.num_layers * selective_layer_bytes_per_token(w) * tokens
         return Figure(kept + final_norm, "L·(input + matmul and attention outputs)·s·b selective + final norm, RoPE")
@@ -358,27 +421,27 @@ def layer_backward_bytes(w: Workload) -> Figure:
     layer's activations recomputed; always, the gradients flowing through it. Autograd frees each saved
     tensor once its consumer's backward has run, so one layer's worth is the most alive at once.
 
-    Gradients: the layer output's gradient (c·h per token), and inside the SwiGLU MLP the gradients of
-    the product, of up and of silu(gate) alive together (3·c·i) [derived from the autograd graph of
-    transformers' LlamaMLP]."""
+    Gradients: the layer output's gradient (σ·h per token, the stream's dtype), and inside the SwiGLU MLP the
+    gradients of the product, of up and of silu(gate) alive together (3·c·i) [derived from the autograd graph
+    of transformers' LlamaMLP]."""
     tokens = w.micro_batch * w.seq_len
     c, a = w.compute_bytes, w.arch
-    grads = (c * a.hidden_size + 3 * c * a.intermediate_size) * tokens
+    grads = (w.stream_bytes * a.hidden_size + 3 * c * a.intermediate_size) * tokens
     flash, flash_text = _flash_backward_workspace_bytes_per_token(w) * tokens, ""
     if flash:
         flash_text = " + flash-attention backward workspace"
     if w.activation_checkpointing == "off":
-        return Figure(grads + flash, "(c·h + 3·c·i)·s·b gradients in one layer's backward" + flash_text)
+        return Figure(grads + flash, "(σ·h + 3·c·i)·s·b gradients in one layer's backward" + flash_text)
     if w.activation_checkpointing == "full" and (w.arch.num_layers - 1) % w.checkpoint_every_layers:
         # The last layer, whose backward runs first, kept all it needs; a checkpointed layer recomputes only after
         # a later layer's backward freed as much as the recompute makes.
-        return Figure(grads + flash, "(c·h + 3·c·i)·s·b gradients in one layer's backward (the last layer is not "
+        return Figure(grads + flash, "(σ·h + 3·c·i)·s·b gradients in one layer's backward (the last layer is not "
                       "checkpointed)" + flash_text)
     recomputed = layer_activation_bytes_per_token(w) * tokens
     if w.activation_checkpointing == "selective":  # what was kept is not made again
         recomputed = max(0, layer_activation_bytes_per_token(w) - selective_layer_bytes_per_token(w)) * tokens
     return Figure(recomputed + grads + flash,
-                  "one layer recomputed + (c·h + 3·c·i)·s·b gradients in its backward" + flash_text)
+                  "one layer recomputed + (σ·h + 3·c·i)·s·b gradients in its backward" + flash_text)
 
 
 def _flash_backward_workspace_bytes_per_token(w: Workload) -> int:
@@ -440,17 +503,30 @@ def _layer_grad_bytes(w: Workload) -> int:
     return trainable * (c + (4 if c < 4 else 0))
 
 
+def _autocast_weight_copy_bytes(w: Workload) -> int:
+    """Returns bytes of the compute-dtype copies autocast makes of fp32 weights that matmuls read, alive through
+    backward: a trained weight's copy is cached for the whole forward and backward (torch.autocast's cache
+    holds leaves that require grad), a frozen one's is what its Linear keeps for the input gradient. Embedding
+    lookups and norms are not cast, and NF4 weights are dequantized one at a time (`_qlora_scratch`)."""
+    c, p = w.compute_bytes, w.params
+    if c == 4:
+        return 0
+    head = p.embedding if p.tied else p.lm_head  # a tied head reads the embedding matrix
+    linears = p.attention + p.mlp
+    if w.method == "full":
+        return (linears + head) * c if w.loading.trained_dtype == "fp32" else 0
+    adapters = w.trainable_params if w.loading.trained_dtype == "fp32" else 0
+    base = head + (linears if w.method == "lora" else 0) if w.loading.base_dtype == "fp32" else 0
+    return (adapters + base) * c
+
+
 def _comm_buffer_bytes(w: Workload, phase: str) -> tuple[int, str]:
     """Communication buffers and gathered parameters live in `phase` ("loss": the cross-entropy's backward,
     every activation still held; "layer": the first decoder layer's backward)."""
     c, h, p = w.compute_bytes, w.arch.hidden_size, w.params
     s = w.strategy
     if s.backend == "ddp":
-        # Autocast casts every fp32 weight a matmul reads to the compute dtype and caches the copy for the
-        # whole forward and backward (torch.autocast weight cache).
-        fp32 = (w.trainable_params if w.loading.trained_dtype == "fp32" else 0) + (
-            w.frozen_params if w.method != "full" and w.loading.base_dtype == "fp32" else 0)
-        cast = fp32 * c if c < 4 else 0
+        cast = _autocast_weight_copy_bytes(w)
         # The runtime sets gradient_as_bucket_view: DDP's buckets are the gradients, no second copy.
         return cast, "DDP buckets are views of the gradients" + (" + N_fp32·c autocast weight copies" if cast else "")
     if s.backend == "fsdp2":

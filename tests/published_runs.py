@@ -36,6 +36,7 @@ class Setup:
     dropout: float = 0.0
     activation_checkpointing: bool | None = None  # where runs.json says null but the source's code is known
     micro_batch: int | None = None
+    model_dtype: str = "bf16"  # the dtype the base's unquantized parameters are held in
 
 
 SETUPS: dict[str, Setup] = {
@@ -127,6 +128,8 @@ EXTRA_SETUPS: dict[str, Setup] = {
     **{r["id"]: replace(_AAI, counter="allocated") for r in EXTRA_RUNS if r["id"].endswith("-allocated")},
     "fms-mistral7b-full-1gpu": Setup("allocated", "bf16"), "fms-mistral7b-full-2gpu": Setup("allocated", "bf16"),
     **{r["id"]: _FMS_LORA for r in EXTRA_RUNS if r["id"].startswith("fms-") and r["method"] != "full"},
+    **{r["id"]: replace(_FMS_LORA, model_dtype="fp32") for r in EXTRA_RUNS
+       if r["id"].startswith("fms-") and r["method"] == "qlora" and r["gpus"] == 1},
 }
 
 
@@ -151,7 +154,7 @@ def overrides(run: dict, setup: Setup) -> list[str]:
         f"data.seq_len={run['seq_len']}", f"training.micro_batch={micro}",
         f"training.activation_checkpointing={str(ckpt).lower()}", "training.global_batch_tokens=null",
         f"training.global_batch_sequences={micro * gpus}", "training.precision=bf16",
-        f"training.weights_dtype={setup.weights_dtype}",
+        f"training.weights_dtype={setup.weights_dtype}", f"model.dtype={setup.model_dtype}",
         # None of these sources set PyTorch's expandable segments (fsdp_qlora, LLaMA-Factory, torchtune v0.3/0.4),
         # and all keep the embedding and head in the FSDP root unit (FSDP1's root; torchtune's FSDP2 root).
         "launch.cuda_expandable_segments=false", "training.fsdp_embedding_units=root",
