@@ -54,5 +54,5 @@ def test_extra_published_runs_never_fitted_are_planned_within_the_models_bounds(
     _print(rows, skipped)
     errors = [abs(r["error"]) for r in rows]
     assert all(r["fits"] for r in rows)
-    assert statistics.median(errors) <= 0.12
-    assert max(errors) <= 0.30
+    assert statistics.median(errors) <= 0.06  # 4.7% / 17.5% when last changed
+    assert max(errors) <= 0.20
