@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dapc.cli import main
 from tests.conftest import REPO, SHARED
+from tests.train_support import kill_tree
 
 CORPUS = SHARED / "data" / "corpus"
 MEMORY_TOLERANCE = 0.15
@@ -127,7 +127,7 @@ def test_kill_9_then_relaunching_launch_sh_resumes_with_identical_losses(fsdp2_r
                 assert time.monotonic() < deadline, "no step-4 checkpoint within 300 s"
                 time.sleep(0.05)
         finally:
-            os.killpg(launch.pid, signal.SIGKILL)  # bash, torchrun and both ranks, mid-step
+            kill_tree(launch.pid)  # bash, torchrun and both ranks, mid-step
             launch.wait()
     assert max(_losses(out)) < 12, "the run finished before it was killed"
     _launch(out)

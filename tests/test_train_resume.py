@@ -46,3 +46,42 @@ def test_plan_missing_a_key_exits_2_with_one_line_and_no_traceback(tmp_path: Pat
     assert (done.returncode, done.stdout, done.stderr) == (
         2, "", f"error: {path}: not a valid plan: recipe.training.lr: missing (a plan is complete: no default is "
                "filled in at run time)\n")
+
+
+def _agree(rank: int, port: int, folders: list, results) -> None:
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from runtime.checkpoint import CheckpointError
+    from runtime.train.distributed import Distributed
+    from runtime.train.loop import _agree_on_resume
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    d = Distributed(rank, rank, 2, torch.device("cpu"), timedelta(seconds=60))
+    plan = type("Plan", (), {"checkpoint_dir": "/run/checkpoints"})()
+    try:
+        _agree_on_resume(None if folders[rank] is None else Path(folders[rank]), d, plan)
+        results[rank] = "agreed"
+    except CheckpointError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_find_different_newest_checkpoints_all_refuse_to_resume():
+    """Another run still saving into the same checkpoint_dir (a job not yet stopped) can show one rank step-8 and
+    another step-4: every rank stops, naming what each found, rather than resuming from two steps."""
+    import torch.multiprocessing as mp
+
+    from tests.train_support import free_port
+
+    for folders, expected in ((["/c/step-8", "/c/step-4"], "rank 0: step-8, rank 1: step-4"),
+                              (["/c/step-4", "/c/step-4"], None), ([None, None], None)):
+        results = mp.Manager().dict()
+        mp.spawn(_agree, args=(free_port(), folders, results), nprocs=2, join=True)
+        if expected is None:
+            assert dict(results) == {0: "agreed", 1: "agreed"}
+        else:
+            assert results[0] == results[1] and expected in results[0] and "another run" in results[0]

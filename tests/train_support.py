@@ -69,6 +69,25 @@ def train(plan_path: Path, nproc: int) -> subprocess.CompletedProcess:
     return done
 
 
+def kill_tree(pid: int) -> None:
+    """kill -9s process `pid` and every process below it, and waits until they are gone. Not killpg alone:
+    torchrun starts each rank in a session of its own (torch.distributed.elastic's SubprocessHandler), so
+    killing its group leaves the ranks training, and writing checkpoints, beside the relaunched run."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in family:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+
+
 def train_killed_once(plan_path: Path, nproc: int, marker: Path, log_path: Path) -> None:
     """Launches the trainer and kill -9s its whole process group (torchrun and every rank) as soon as `marker`
     exists, e.g. a checkpoint's meta.json; fails the test if the trainer exits first or `marker` never comes."""
@@ -82,7 +101,7 @@ def train_killed_once(plan_path: Path, nproc: int, marker: Path, log_path: Path)
                 assert time.monotonic() < deadline, f"no {marker} in time"
                 time.sleep(0.05)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
 
 

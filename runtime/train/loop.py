@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from runtime import memory_probe
 from runtime.checkpoint import (
+    CheckpointError,
     clear_leftovers,
     latest_checkpoint,
     restore_rng_state,
@@ -63,6 +64,7 @@ def train(plan: TrainPlan) -> None:
     resume = None if latest is None else check_resumable(latest, plan)
     check_installed(plan)
     d = init_distributed(plan)
+    _agree_on_resume(latest, d, plan)
     if d.device.type == "cpu":
         use_huge_pages()  # before any tensor exists: PyTorch reads the setting at its first CPU allocation
     log = MetricsLog(plan.metrics_path, d.is_main, Tracker(plan) if d.is_main else None)
@@ -80,6 +82,18 @@ def train(plan: TrainPlan) -> None:
     finally:
         log.close()
         shutdown_distributed()
+
+
+def _agree_on_resume(latest: Path | None, d: Distributed, plan: TrainPlan) -> None:
+    """Raises CheckpointError on every rank when the ranks found different newest checkpoints: another run (a
+    job not yet stopped) is still saving into the same checkpoint_dir, and resuming from two steps would
+    deadlock or mix states."""
+    found: list[str | None] = [None] * d.world_size
+    dist.all_gather_object(found, None if latest is None else latest.name)
+    if len(set(found)) > 1:
+        seen = ", ".join(f"rank {rank}: {name or 'none'}" for rank, name in enumerate(found))
+        raise CheckpointError(f"the ranks found different newest checkpoints ({seen}): another run is still "
+                              "writing to this checkpoint directory; stop it, then relaunch", plan.checkpoint_dir)
 
 
 def _run(plan: TrainPlan, d: Distributed, log: MetricsLog, resume: Resume | None) -> tuple[Path, bool]:
