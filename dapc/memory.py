@@ -162,11 +162,6 @@ class Workload:
         """The shard degree D."""
         return shard_degree(self.strategy, self.world_size, self.gpus_per_node)
 
-    @property
-    def frozen_params(self) -> int:
-        """Parameters of the frozen base (0 for full training)."""
-        return 0 if self.method == "full" else self.params.total
-
 
 def quantized_params(params: ParamCounts) -> int:
     """Returns the parameters QLoRA stores in NF4: the decoder Linear layers (attention and MLP).
@@ -315,14 +310,13 @@ def _linear_inputs_bytes_per_token(w: Workload, width: int, input_bytes: int, co
     dtype). `saved_elsewhere`: the shared copy is already counted (the SDPA output o_proj reads as a view).
     """
     c = w.compute_bytes
-    mask_bytes = w.adapter_bytes if w.on_cpu else 1
-    shared, copies, masks = (True, 0, 0) if input_bytes == c else (False, len(consumers), 0)
-    for _ in [name for name in consumers if name in w.lora_targets] if w.method != "full" else ():
-        if w.lora_dropout > 0:
-            masks, copies = masks + 1, copies + 1
-        elif not input_bytes == w.adapter_bytes == c:
-            copies += 1
+    shared, copies = (True, 0) if input_bytes == c else (False, len(consumers))
+    adapters = 0 if w.method == "full" else sum(name in w.lora_targets for name in consumers)
+    masks = adapters if w.lora_dropout > 0 else 0
+    if masks or not input_bytes == w.adapter_bytes == c:
+        copies += adapters
     kept = copies + (1 if shared and not saved_elsewhere else 0)
+    mask_bytes = w.adapter_bytes if w.on_cpu else 1
     return width * (c * kept + mask_bytes * masks)
 
 
@@ -357,7 +351,7 @@ def layer_activation_bytes_per_token(w: Workload) -> int:
               + _linear_inputs_bytes_per_token(w, q_width, c, ("o_proj",), saved_elsewhere=True)
               + _linear_inputs_bytes_per_token(w, a.hidden_size, sigma, ("gate_proj", "up_proj"))
               + _linear_inputs_bytes_per_token(w, a.intermediate_size, c, ("down_proj",)))
-    adapters = c * _lora_rank(w) * len([name for name in w.lora_targets if w.method != "full"])
+    adapters = c * _lora_rank(w) * len(w.lora_targets)  # _lora_rank is 0 in full training
     return 2 * _norm_bytes_per_token(w) + attention + mlp + inputs + adapters
 
 

@@ -582,7 +582,7 @@ def _json_reason(error: Exception) -> str:
 
 
 def _first_error(error: ValidationError) -> str:
-    first = error.errors(include_url=False)[0]
+    first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     extra = f" ({len(error.errors())} problems)" if error.error_count() > 1 else ""
     return f"{key}: {first['msg']}{extra}"

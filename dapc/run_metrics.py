@@ -145,6 +145,6 @@ def _parse(line: bytes, where: str):
     try:
         return event, kind.model_validate(raw)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
+        first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(record)"
         raise MetricsError(f"not a valid {event} record: {key}: {first['msg']}", where) from e

@@ -51,10 +51,6 @@ class FieldInfo:
         """Returns True when the field has neither a default nor a default factory."""
         return self.default is _MISSING and self.default_factory is None
 
-    def constraints(self) -> dict[str, Any]:
-        """Returns the constraints that are set, by name."""
-        return {k: getattr(self, k) for k in _CONSTRAINTS if getattr(self, k) is not None}
-
 
 def Field(default: Any = _MISSING, **settings: Any) -> Any:  # noqa: N802 (pydantic's spelling)
     """Returns a FieldInfo: the default value (or `default_factory=`), `description=` and constraints. Also
@@ -71,7 +67,7 @@ class ValidationError(ValueError):
         where = ".".join(str(k) for k in first["loc"]) or "(top level)"
         super().__init__(f"{len(errors)} validation error(s) for {title}: {where}: {first['msg']}")
 
-    def errors(self, include_url: bool = False) -> list[dict[str, Any]]:
+    def errors(self) -> list[dict[str, Any]]:
         """Returns every problem as a dict: `type`, `loc` (tuple of keys and indexes), `msg`, `input`."""
         return list(self._errors)
 

@@ -5,10 +5,7 @@ determinism, exact resume, any world size), and a two-source recipe planned, pre
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from dapc.corpus import CorpusFile
 from dapc.sources import SourceFiles, plan_sources
 from runtime.data import MixtureSampler
 from tests.conftest import REPO
-from tests.train_support import TINY_RECIPE, launch_command, records, run_env, train
+from tests.train_support import TINY_RECIPE, launch_command, records, run_env, train, train_killed_once
 
 TINY = REPO / "examples" / "tiny"
 
@@ -179,18 +176,7 @@ def test_two_sources_train_at_their_shares_and_kill_9_resumes_the_same_stream(tm
     subprocess.run([*launch_command(killed, 1)[:2], "runtime.prepare", "--plan", str(killed), "--no-progress"],
                    cwd=REPO, env=run_env(), check=True, capture_output=True)
     step_8 = tmp_path / "killed" / "run" / "checkpoints" / "step-8" / "meta.json"
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(launch_command(killed, 1), cwd=REPO, env=run_env(killed), stdout=log, stderr=log,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while not step_8.exists():
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no step-8 checkpoint within 300 s"
-                time.sleep(0.05)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    train_killed_once(killed, 1, step_8, tmp_path / "killed.log")
     train(killed, 1)
     again = {r["step"]: r for r in records(killed, "step")}  # the later record of a step counts
     assert sorted(again) == list(range(1, 17))

@@ -89,7 +89,7 @@ def kill_tree(pid: int) -> None:
 
 
 def train_killed_once(plan_path: Path, nproc: int, marker: Path, log_path: Path) -> None:
-    """Launches the trainer and kill -9s its whole process group (torchrun and every rank) as soon as `marker`
+    """Launches the trainer and kill -9s it (torchrun and every rank: `kill_tree`) as soon as `marker`
     exists, e.g. a checkpoint's meta.json; fails the test if the trainer exits first or `marker` never comes."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(launch_command(plan_path, nproc), cwd=REPO, env=run_env(plan_path), stdout=log,

@@ -64,11 +64,11 @@ def train(plan: TrainPlan) -> None:
     resume = None if latest is None else check_resumable(latest, plan)
     check_installed(plan)
     d = init_distributed(plan)
-    _agree_on_resume(latest, d, plan)
     if d.device.type == "cpu":
         use_huge_pages()  # before any tensor exists: PyTorch reads the setting at its first CPU allocation
     log = MetricsLog(plan.metrics_path, d.is_main, Tracker(plan) if d.is_main else None)
     try:
+        _agree_on_resume(latest, d, plan)  # the first collective: after use_huge_pages, as it makes tensors
         final, finished = _run(plan, d, log, resume)
         if finished and d.is_main:
             Path(plan.stop_file).unlink(missing_ok=True)  # a notice that came too late to stop anything
